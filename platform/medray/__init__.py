@@ -1,0 +1,1 @@
+"""medray: distributed training, evaluation and batch scoring of medical image classifiers on Ray."""

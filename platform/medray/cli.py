@@ -1,0 +1,140 @@
+"""``medray <verb>``: the command line, and ``run_job`` for the thin ``jobs/*.py`` entrypoints.
+
+Jobs that run on Ray (train, evaluate, score, demo) take one YAML config plus ``--set`` overrides
+and write the resolved config next to their outputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from medray import storage
+from medray.config import ConfigError, JobConfig, load_config, save_config
+
+log = logging.getLogger("medray")
+
+
+def init_ray() -> None:
+    """Join the cluster a job was submitted to (RAY_ADDRESS), or start a local Ray."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(logging_level=logging.WARNING, log_to_driver=True)
+        # Ray Data logs every execution plan at INFO; its progress bars are enough for a person.
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def _train(config: JobConfig) -> None:
+    from medray.train import train
+
+    result = train(config)
+    print(f"best checkpoint (val mean AUROC {result.metrics['val_auroc_mean']:.3f}): {result.best_checkpoint}")
+
+
+def _evaluate(config: JobConfig) -> None:
+    from medray.evaluate import evaluate
+
+    evaluation = evaluate(config)
+    print(evaluation.table[["auroc", "sensitivity", "specificity", "prevalence"]].round(3).to_string())
+    print(f"mean test AUROC {evaluation.mean_auroc:.3f}\nreport: {evaluation.paths['report.html']}")
+
+
+def _score(config: JobConfig) -> None:
+    from medray.score import score
+
+    s = score(config)
+    print(f"scored {s.inputs} inputs: {s.scored} scored, {s.errors} errors → {s.output}")
+
+
+def _demo(config: JobConfig) -> None:
+    from medray.demo import run_demo
+
+    run_demo(config)
+
+
+JOBS = {"train": _train, "evaluate": _evaluate, "score": _score, "demo": _demo}
+
+
+def run_job(verb: str, argv: list[str] | None = None) -> None:
+    """Entry for ``jobs/<verb>.py``: ``--config FILE [--set a.b=v ...]``."""
+    parser = argparse.ArgumentParser(prog=f"medray {verb}")
+    _job_arguments(parser)
+    _run(verb, parser.parse_args(argv))
+
+
+def _job_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML job config (see jobs/configs/demo.yaml)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.epochs=3")
+
+
+def _run(verb: str, args: argparse.Namespace) -> None:
+    _setup_logging()
+    try:
+        config = load_config(args.config, args.set)
+    except ConfigError as err:
+        sys.exit(f"medray {verb}: {err}")
+    init_ray()
+    save_config(config, storage.join(config.run_dir, f"{verb}.config.yaml"))
+    JOBS[verb](config)
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="medray", description=__doc__.splitlines()[0])
+    verbs = parser.add_subparsers(dest="verb", required=True)
+
+    demo_data = verbs.add_parser("demo-data", help="write synthetic chest X-rays in the NIH ChestX-ray14 layout")
+    demo_data.add_argument("out")
+    demo_data.add_argument("--patients", type=int, default=600)
+    demo_data.add_argument("--image-size", type=int, default=256)
+    demo_data.add_argument("--seed", type=int, default=0)
+
+    ingest = verbs.add_parser("ingest", help="dataset layout → canonical manifest (Parquet)")
+    ingest.add_argument("source", help="the dataset's label file, local or s3://")
+    ingest.add_argument("out", help="manifest to write, e.g. data/manifest.parquet")
+    ingest.add_argument("--format", default="nih-cxr14", choices=["nih-cxr14"])
+    ingest.add_argument("--labels", help="comma-separated subset of the dataset's labels")
+
+    split = verbs.add_parser("split", help="patient-level train/val/test split")
+    split.add_argument("manifest")
+    split.add_argument("out")
+    for name, default in (("--val", 0.15), ("--test", 0.15), ("--min-positive", 0.5), ("--train-keeps-positive", 0.5)):
+        split.add_argument(name, type=float, default=default)
+    split.add_argument("--label", help="label whose positives val and test are enriched with")
+    split.add_argument("--seed", type=int, default=0)
+
+    for verb in JOBS:
+        _job_arguments(verbs.add_parser(verb, help=f"run the {verb} job"))
+
+    args = parser.parse_args(argv)
+    if args.verb in JOBS:
+        return _run(args.verb, args)
+    _setup_logging()
+    if args.verb == "demo-data":
+        from medray.demo_data import generate
+
+        print(generate(args.out, args.patients, args.image_size, args.seed))
+    elif args.verb == "ingest":
+        from medray.datasets import FORMATS
+
+        init_ray()
+        labels = args.labels.split(",") if args.labels else None
+        result = FORMATS[args.format](storage.absolute(args.source), storage.absolute(args.out), labels)
+        print(f"{result.images} images → {result.manifest}; {result.quarantined} quarantined → {result.quarantine}")
+    elif args.verb == "split":
+        from medray.manifest import Manifest, read_manifest, write_manifest
+        from medray.splits import split_by_patient, summary
+
+        manifest = read_manifest(storage.absolute(args.manifest))
+        frame = split_by_patient(manifest, args.val, args.test, args.min_positive, args.label, args.seed, args.train_keeps_positive)
+        write_manifest(Manifest(frame, manifest.labels, manifest.task), storage.absolute(args.out))
+        print(summary(frame, manifest.labels).round(3).to_string())
+
+
+if __name__ == "__main__":
+    main()

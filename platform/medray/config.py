@@ -1,0 +1,178 @@
+"""Job configuration: one YAML file, validated by pydantic, overridable with ``--set a.b=value``.
+
+Every section rejects unknown keys, so a typo is an error that names the field instead of a
+setting that silently does nothing. Local paths are made absolute when the config is loaded,
+because Ray workers do not run in the directory the user typed the command in.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from medray import storage
+
+Uri = Annotated[str, AfterValidator(storage.absolute)]
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used; the message names each bad field and value."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DemoDataConfig(_Section):
+    patients: int = Field(600, ge=10)
+    image_size: int = Field(256, ge=64, le=2048)
+    seed: int = 0
+
+
+class SplitConfig(_Section):
+    val: float = Field(0.15, gt=0, lt=1)
+    test: float = Field(0.15, gt=0, lt=1)
+    min_positive: float = Field(0.5, ge=0, le=1, description="minimum share of positive images in val and test")
+    label: str | None = Field(None, description="label whose positives are enriched; default: the first label")
+    train_keeps_positive: float = Field(
+        0.5, ge=0, le=1, description="share of the positive patients that val and test may never take from train"
+    )
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _room_for_train(self):
+        if self.val + self.test >= 1:
+            raise ValueError(f"val + test must leave patients for train, got {self.val} + {self.test}")
+        return self
+
+
+class DataConfig(_Section):
+    manifest: Uri | None = Field(None, description="split manifest; default <storage>/<name>/data/manifest.parquet")
+    image_size: int = Field(128, ge=16, le=2048)
+    augment: Literal["cxr", "none"] = "cxr"
+    cache_decoded: bool = Field(True, description="keep decoded, resized images in Ray's object store across epochs")
+
+
+class ModelConfig(_Section):
+    backbone: str = "resnet18"
+    weights: Uri | None = Field(None, description="local or s3:// state dict for transfer learning")
+    weights_sha256: str | None = None
+
+    @model_validator(mode="after")
+    def _known_backbone(self):
+        from medray.models import BACKBONES
+
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"unknown backbone {self.backbone!r}; known: {', '.join(sorted(BACKBONES))}")
+        return self
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(8, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    loss_weighting: Literal["seed", "none"] = "seed"
+    workers: int = Field(2, ge=1)
+    cpus_per_worker: float = Field(1.0, gt=0, description="leave CPUs free for Ray Data's decoding and augmentation")
+    use_gpu: bool = False
+    amp: bool = Field(True, description="mixed precision; only takes effect on GPU")
+    checkpoints_to_keep: int = Field(2, ge=1, description="the best by val AUROC and the latest are always kept")
+    max_failures: int = Field(0, ge=-1)
+    seed: int = 0
+
+
+class EvaluateConfig(_Section):
+    checkpoint: Uri | None = Field(None, description="default: the best checkpoint of this run")
+    batch_size: int = Field(64, ge=1)
+
+
+class ScoreConfig(_Section):
+    input: Uri | None = Field(None, description="folder or s3:// prefix of images")
+    output: Uri | None = Field(None, description="default <storage>/<name>/scores")
+    checkpoint: Uri | None = Field(None, description="default: the best checkpoint of this run")
+    batch_size: int = Field(64, ge=1)
+    actors: int = Field(1, ge=1)
+
+
+class JobConfig(_Section):
+    name: str = Field("demo", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    storage: Uri = "runs"
+    demo_data: DemoDataConfig = DemoDataConfig()
+    split: SplitConfig = SplitConfig()
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    score: ScoreConfig = ScoreConfig()
+
+    @property
+    def run_dir(self) -> str:
+        return storage.join(self.storage, self.name)
+
+    @property
+    def manifest(self) -> str:
+        return self.data.manifest or storage.join(self.run_dir, "data", "manifest.parquet")
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """``["train.epochs=3", "model.backbone=densenet121"]`` → nested dict; values parsed as YAML."""
+    nested: dict = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*", key):
+            raise ConfigError(f"--set expects section.key=value, got {pair!r}")
+        node = nested
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: {part!r} is not a section")
+        node[leaf] = yaml.safe_load(value) if value else None
+    return nested
+
+
+def _merge(base: dict, update: dict) -> dict:
+    merged = dict(base)
+    for key, value in update.items():
+        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
+
+
+def _describe(error: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for err in error.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        got = "" if err["type"] == "missing" else f" (got {err['input']!r})"
+        lines.append(f"  {where}: {err['msg']}{got}")
+    return "\n".join(lines)
+
+
+def build_config(raw: dict | None = None, overrides: list[str] | None = None, source: str = "") -> JobConfig:
+    data = _merge(raw or {}, parse_overrides(overrides or []))
+    try:
+        return JobConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_describe(err, source)) from None
+
+
+def load_config(path: str | None, overrides: list[str] | None = None) -> JobConfig:
+    raw = {}
+    if path:
+        try:
+            raw = yaml.safe_load(storage.read_text(path)) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path} is not valid YAML: {err}") from None
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path} must hold a mapping of sections, got {type(raw).__name__}")
+    return build_config(raw, overrides, source=path or "(defaults)")
+
+
+def save_config(config: JobConfig, uri: str) -> None:
+    """The resolved config, written next to a job's outputs so the run can be reproduced."""
+    storage.write_text(uri, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))

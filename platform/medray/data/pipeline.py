@@ -1,0 +1,68 @@
+"""Ray Data pipelines over manifest rows: check, decode + resize, augment.
+
+Batches are numpy dicts (``image``: ``(B, H, W)`` uint8, ``labels``: ``(B, L)`` float32). An image
+that fails to decode mid-training becomes a blank image whose labels are all NaN — masked out of
+the loss and the metrics like any unknown label — and the worker counts it; the job goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+import ray
+
+from medray import images
+from medray.augment import augment_batch
+
+log = logging.getLogger(__name__)
+BATCH = 64
+
+
+def _probe_batch(batch: dict) -> dict:
+    reasons = [images.probe(str(uri)) or "" for uri in batch["image"]]
+    return {"image": batch["image"], "reason": np.array(reasons, dtype=object)}
+
+
+def check_images(uris: list[str]) -> dict[str, str]:
+    """Decode every image once, in parallel; return ``{uri: reason}`` for those that cannot be used."""
+    if not uris:
+        return {}
+    ds = ray.data.from_items([{"image": u} for u in uris]).map_batches(_probe_batch, batch_size=BATCH)
+    result = ds.to_pandas()
+    bad = result[result["reason"] != ""]
+    return dict(zip(bad["image"], bad["reason"]))
+
+
+def _decode_batch(batch: dict, labels: list[str], size: int) -> dict:
+    n = len(batch["image"])
+    pixels = np.zeros((n, size, size), dtype=np.uint8)
+    targets = np.stack([batch[label].astype(np.float32) for label in labels], axis=1)
+    bad = np.zeros(n, dtype=bool)
+    for i, uri in enumerate(batch["image"]):
+        try:
+            pixels[i] = images.load(str(uri), size)
+        except images.ImageError as err:
+            log.warning("skipping unreadable image: %s", err)
+            targets[i] = np.nan
+            bad[i] = True
+    return {"image": pixels, "labels": targets, "unreadable": bad}
+
+
+def decoded(frame: pd.DataFrame, labels: list[str], size: int) -> ray.data.Dataset:
+    """Manifest rows → decoded, resized images with their label vectors."""
+    columns = ["image", *labels]
+    ds = ray.data.from_pandas(frame[columns].reset_index(drop=True))
+    return ds.map_batches(_decode_batch, fn_kwargs={"labels": labels, "size": size}, batch_size=BATCH)
+
+
+def _augment(batch: dict, policy: str) -> dict:
+    return {**batch, "image": augment_batch(batch["image"], policy)}
+
+
+def augmented(ds: ray.data.Dataset, policy: str) -> ray.data.Dataset:
+    """Fresh random augmentation on every pass (epoch) over ``ds``."""
+    if policy == "none":
+        return ds
+    return ds.map_batches(_augment, fn_kwargs={"policy": policy}, batch_size=BATCH)

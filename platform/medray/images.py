@@ -1,0 +1,72 @@
+"""Decoding one image into the grayscale uint8 array the models take.
+
+A pixel limit is checked from the header, before any pixel is decoded, so a decompression bomb
+costs nothing. 16-bit images are scaled to 8 bits by their own range.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from medray import storage
+
+MAX_PIXELS = 20_000 * 20_000
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+
+
+class ImageError(ValueError):
+    """An image that cannot be used; the message names its URI and what is wrong."""
+
+
+def _open(data: bytes, uri: str, max_pixels: int) -> Image.Image:
+    try:
+        image = Image.open(io.BytesIO(data))
+    except (UnidentifiedImageError, OSError) as err:
+        raise ImageError(f"{uri}: not a readable image ({err.__class__.__name__})") from None
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageError(f"{uri}: {width}x{height} pixels exceeds the limit of {max_pixels}")
+    return image
+
+
+def _to_gray8(image: Image.Image) -> Image.Image:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        pixels = np.asarray(image, dtype=np.float32)
+        lo, hi = float(pixels.min()), float(pixels.max())
+        scaled = (pixels - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(pixels)
+        return Image.fromarray(scaled.astype(np.uint8))
+    return image.convert("L")
+
+
+def decode(data: bytes, uri: str, size: int | None = None, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Encoded bytes → ``(H, W)`` uint8, resized to ``size × size`` when given."""
+    image = _open(data, uri, max_pixels)
+    try:
+        if size is not None and image.format == "JPEG":
+            image.draft("L", (size, size))  # let libjpeg decode at reduced scale
+        image = _to_gray8(image)
+        if size is not None and image.size != (size, size):
+            image = image.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0)
+        return np.asarray(image, dtype=np.uint8)
+    except (OSError, ValueError, SyntaxError) as err:
+        raise ImageError(f"{uri}: cannot decode image data ({err.__class__.__name__}: {err})") from None
+
+
+def load(uri: str, size: int | None = None) -> np.ndarray:
+    try:
+        data = storage.read_bytes(uri)
+    except (OSError, FileNotFoundError) as err:
+        raise ImageError(f"{uri}: cannot be read ({err.__class__.__name__})") from None
+    return decode(data, uri, size)
+
+
+def probe(uri: str) -> str | None:
+    """Why ``uri`` cannot be used, or None: a full decode, so truncated files are caught too."""
+    try:
+        load(uri, size=None)
+    except ImageError as err:
+        return str(err)
+    return None

@@ -1,0 +1,63 @@
+"""Batch inference on Ray Data: an actor pool, each actor loading the model once.
+
+Used by evaluation and scoring alike. Every input row comes out with one probability per label
+and an ``error`` column: an image that cannot be decoded gets NaN probabilities and the reason,
+never a missing row.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import ray
+import torch
+
+from medray import checkpoint, images
+
+
+class Predictor:
+    def __init__(self, checkpoint_uri: str):
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        model, self.meta = checkpoint.load_model(checkpoint_uri)
+        if self.device.type == "cuda":
+            model = model.to(self.device, memory_format=torch.channels_last)
+        self.model = model
+        self.labels, self.size = self.meta["labels"], self.meta["image_size"]
+
+    def __call__(self, batch: dict) -> dict:
+        n = len(batch["image"])
+        pixels = np.zeros((n, self.size, self.size), dtype=np.uint8)
+        errors = np.full(n, "", dtype=object)
+        for i, uri in enumerate(batch["image"]):
+            try:
+                pixels[i] = images.load(str(uri), self.size)
+            except images.ImageError as err:
+                errors[i] = str(err)
+        ok = errors == ""
+        probs = np.full((n, len(self.labels)), np.nan, dtype=np.float32)
+        if ok.any():
+            x = torch.from_numpy(pixels[ok]).to(self.device).unsqueeze(1).float().div_(255)
+            if self.device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+                probs[ok] = torch.sigmoid(self.model(x).float()).cpu().numpy()
+        out = dict(batch)
+        out.update({f"prob_{label}": probs[:, j] for j, label in enumerate(self.labels)})
+        out["error"] = errors
+        out["model_sha256"] = np.full(n, self.meta["sha256"], dtype=object)  # which model made each score
+        return out
+
+
+def predict(ds: ray.data.Dataset, checkpoint_uri: str, batch_size: int = 64, actors: int = 1) -> ray.data.Dataset:
+    """``ds`` must have an ``image`` column of URIs; other columns pass through."""
+    use_gpu = bool(ray.cluster_resources().get("GPU", 0))
+    return ds.map_batches(
+        Predictor,
+        fn_constructor_kwargs={"checkpoint_uri": checkpoint_uri},
+        batch_size=batch_size,
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_gpus=1 if use_gpu else 0,
+    )
+
+
+def prob_columns(labels: list[str]) -> list[str]:
+    return [f"prob_{label}" for label in labels]

@@ -1,0 +1,102 @@
+"""One way to open a URI: an absolute or relative local path, or ``s3://bucket/key``.
+
+S3-compatible on-premise stores (MinIO, Ceph) are reached through the AWS SDKs' own standard
+variables ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``, so boto3, pyarrow and Ray all agree on
+the endpoint without a medray-specific switch.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import posixpath
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+S3 = "s3://"
+
+
+def is_s3(uri: str) -> bool:
+    return str(uri).startswith(S3)
+
+
+def absolute(uri: str) -> str:
+    """Local paths become absolute (Ray workers run in other directories); S3 URIs stay."""
+    uri = str(uri)
+    return uri if is_s3(uri) else os.path.abspath(os.path.expanduser(uri))
+
+
+def join(uri: str, *parts: str) -> str:
+    return posixpath.join(uri, *parts) if is_s3(uri) else os.path.join(uri, *parts)
+
+
+def parent(uri: str) -> str:
+    return posixpath.dirname(uri.rstrip("/")) if is_s3(uri) else os.path.dirname(absolute(uri))
+
+
+def s3_endpoint() -> str | None:
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+
+@functools.lru_cache(maxsize=8)
+def _s3_filesystem(endpoint: str | None, region: str | None) -> pafs.S3FileSystem:
+    kwargs = {}
+    if endpoint:
+        parsed = urlparse(endpoint)
+        kwargs = {"endpoint_override": parsed.netloc or parsed.path, "scheme": parsed.scheme or "https"}
+    return pafs.S3FileSystem(region=region or "us-east-1", **kwargs)
+
+
+def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem for ``uri`` and the path inside it (what Ray's readers take)."""
+    uri = str(uri)
+    if is_s3(uri):
+        fs = _s3_filesystem(s3_endpoint(), os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"))
+        return fs, uri[len(S3):]
+    return pafs.LocalFileSystem(), absolute(uri)
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = filesystem(uri)
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    fs, path = filesystem(uri)
+    if not is_s3(uri):
+        fs.create_dir(os.path.dirname(path), recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+
+
+def write_text(uri: str, text: str) -> None:
+    write_bytes(uri, text.encode("utf-8"))
+
+
+def read_text(uri: str) -> str:
+    return read_bytes(uri).decode("utf-8")
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def makedirs(uri: str) -> None:
+    fs, path = filesystem(uri)
+    fs.create_dir(path, recursive=True)
+
+
+def list_files(uri: str, extensions: tuple[str, ...] | None = None) -> list[str]:
+    """All files under ``uri`` (recursive), as URIs of the same kind, sorted."""
+    fs, path = filesystem(uri)
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    prefix = S3 if is_s3(uri) else ""
+    exts = tuple(e.lower() for e in extensions) if extensions else None
+    return sorted(
+        prefix + info.path
+        for info in infos
+        if info.type == pafs.FileType.File and (exts is None or info.path.lower().endswith(exts))
+    )

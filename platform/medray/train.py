@@ -1,0 +1,179 @@
+"""Distributed fine-tuning with Ray Train: one ``TorchTrainer``, DDP over N workers.
+
+The driver decodes the train and val splits once with Ray Data (kept in the object store), computes
+the loss weights from the training split, and hands each worker its shard of every epoch. Each
+epoch ends with validation AUROC per label, computed on the predictions gathered from all workers,
+and a checkpoint. Submitting the same run again resumes from its latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass
+
+import numpy as np
+import ray
+import ray.train
+import torch
+import torch.distributed as dist
+from ray.train.torch import TorchTrainer
+
+from medray import checkpoint, storage
+from medray.config import JobConfig
+from medray.data import augmented, decoded
+from medray.losses import WeightedBCE, class_weights
+from medray.manifest import read_manifest
+from medray.metrics import auroc_per_label
+from medray.models import build_model
+
+log = logging.getLogger(__name__)
+SCORE = "val_auroc_mean"
+
+
+@dataclass
+class TrainResult:
+    best_checkpoint: str
+    metrics: dict
+
+
+def _as_input(batch: dict, device: torch.device) -> torch.Tensor:
+    x = batch["image"].to(device, non_blocking=True).unsqueeze(1).float().div_(255)
+    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
+
+
+def _gather(local: np.ndarray) -> np.ndarray:
+    """Rows from every worker, so validation metrics cover the whole split, not one shard."""
+    if not dist.is_initialized():
+        return local
+    parts = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, local)
+    return np.concatenate([p for p in parts if len(p)])
+
+
+def _validate(model, shard, batch_size: int, device, amp: bool, n_labels: int) -> tuple[np.ndarray, np.ndarray]:
+    model.eval()
+    probs, targets = [np.empty((0, n_labels))], [np.empty((0, n_labels))]
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        for batch in shard.iter_torch_batches(batch_size=batch_size):
+            probs.append(torch.sigmoid(model(_as_input(batch, device)).float()).cpu().numpy())
+            targets.append(batch["labels"].numpy())
+    return _gather(np.concatenate(probs)), _gather(np.concatenate(targets))
+
+
+def _worker_loop(cfg: dict) -> None:
+    config = JobConfig.model_validate(cfg["config"])
+    labels, t = cfg["labels"], config.train
+    torch.manual_seed(t.seed)
+    device = ray.train.torch.get_device()
+    amp = t.amp and device.type == "cuda"
+    rank = ray.train.get_context().get_world_rank()
+
+    model = build_model(config.model.backbone, len(labels), 1, config.model.weights, config.model.weights_sha256)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=t.epochs)
+    start = 0
+    resumed = ray.train.get_checkpoint()
+    if resumed:
+        with resumed.as_directory() as directory:
+            state = checkpoint.load_state(directory)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start = state["epoch"] + 1
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    model = ray.train.torch.prepare_model(model)
+    loss_fn = WeightedBCE(cfg["pos_weight"], cfg["neg_weight"]).to(device)
+
+    for epoch in range(start, t.epochs):
+        model.train()
+        loss_sum, seen, unreadable = 0.0, 0, 0
+        for batch in ray.train.get_dataset_shard("train").iter_torch_batches(batch_size=t.batch_size):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                loss = loss_fn(model(_as_input(batch, device)), batch["labels"].to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum, seen = loss_sum + loss.item() * len(batch["labels"]), seen + len(batch["labels"])
+            unreadable += int(batch["unreadable"].sum())
+        scheduler.step()
+
+        probs, targets = _validate(model, ray.train.get_dataset_shard("val"), t.batch_size, device, amp, len(labels))
+        totals = _gather(np.array([[loss_sum, seen, unreadable]])).sum(axis=0)
+        per_label = auroc_per_label(targets, probs, labels)
+        metrics = {
+            "epoch": epoch,
+            "train_loss": float(totals[0] / max(totals[1], 1)),
+            "unreadable_images": int(totals[2]),
+            SCORE: float(np.nanmean(list(per_label.values()))),
+            **{f"val_auroc/{label}": value for label, value in per_label.items()},
+        }
+        with tempfile.TemporaryDirectory() as directory:
+            saved = None
+            if rank == 0:
+                bare = model.module if hasattr(model, "module") else model
+                state = {
+                    "model": bare.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "epoch": epoch,
+                }
+                meta = {"backbone": config.model.backbone, "labels": labels, "in_channels": 1,
+                        "image_size": config.data.image_size, "epoch": epoch, "metrics": metrics}  # fmt: skip
+                checkpoint.save(directory, state, meta)
+                saved = ray.train.Checkpoint.from_directory(directory)
+                aurocs = ", ".join(f"{k} {v:.3f}" for k, v in per_label.items())
+                print(f"epoch {epoch + 1}/{t.epochs}: loss {metrics['train_loss']:.4f}, val AUROC {metrics[SCORE]:.3f} ({aurocs})", flush=True)
+            ray.train.report(metrics, checkpoint=saved, checkpoint_dir_name=f"epoch_{epoch:03d}")
+
+
+def _run_config(config: JobConfig) -> ray.train.RunConfig:
+    fs, path = storage.filesystem(config.run_dir)
+    return ray.train.RunConfig(
+        name="train",
+        storage_path=path,
+        storage_filesystem=fs if storage.is_s3(config.run_dir) else None,
+        checkpoint_config=ray.train.CheckpointConfig(
+            num_to_keep=config.train.checkpoints_to_keep, checkpoint_score_attribute=SCORE, checkpoint_score_order="max"
+        ),
+        failure_config=ray.train.FailureConfig(max_failures=config.train.max_failures),
+        logging_config=ray.train.LoggingConfig(log_level="WARNING"),
+    )
+
+
+def train(config: JobConfig) -> TrainResult:
+    manifest = read_manifest(config.manifest)
+    labels = manifest.labels
+    train_frame, val_frame = manifest.split("train"), manifest.split("val")
+    pos_weight, neg_weight = class_weights(train_frame[labels].to_numpy(), config.train.loss_weighting)
+    log.info("training on %d images, validating on %d", len(train_frame), len(val_frame))
+
+    size = config.data.image_size
+    train_ds, val_ds = decoded(train_frame, labels, size), decoded(val_frame, labels, size)
+    if config.data.cache_decoded:
+        train_ds, val_ds = train_ds.materialize(), val_ds.materialize()
+    trainer = TorchTrainer(
+        _worker_loop,
+        train_loop_config={
+            "config": config.model_dump(mode="json"),
+            "labels": labels,
+            "pos_weight": pos_weight.tolist(),
+            "neg_weight": neg_weight.tolist(),
+        },
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=config.train.workers,
+            use_gpu=config.train.use_gpu,
+            resources_per_worker={"CPU": config.train.cpus_per_worker},
+        ),
+        run_config=_run_config(config),
+        datasets={"train": augmented(train_ds, config.data.augment), "val": val_ds},
+    )
+    result = trainer.fit()
+    best = result.get_best_checkpoint(SCORE, "max")
+    if best is None:
+        raise RuntimeError(f"training run {config.run_dir} reported no checkpoint")
+    best_uri = ("s3://" + best.path) if storage.is_s3(config.run_dir) else best.path
+    metrics = next(m for c, m in result.best_checkpoints if c.path == best.path)
+    checkpoint.write_best(config.run_dir, best_uri, metrics)
+    return TrainResult(best_uri, metrics)

@@ -1,0 +1,47 @@
+"""Shared fixtures: one local Ray for the session, small generated datasets made by the tests."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory):
+    from medray.demo_data import generate
+
+    out = tmp_path_factory.mktemp("demo")
+    generate(str(out), patients=120, image_size=64, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def demo_manifest(demo_dir, ray_session):
+    from medray.datasets import ingest_nih
+    from medray.demo_data import FINDINGS
+    from medray.manifest import read_manifest
+
+    result = ingest_nih(str(demo_dir / "Data_Entry_2017.csv"), str(demo_dir / "manifest.parquet"), labels=list(FINDINGS))
+    return read_manifest(result.manifest)
+
+
+@pytest.fixture(scope="session")
+def split_manifest_path(demo_manifest, demo_dir):
+    from medray.manifest import Manifest, write_manifest
+    from medray.splits import split_by_patient
+
+    frame = split_by_patient(demo_manifest, val=0.2, test=0.2, min_positive=0.3, label="Mass", seed=0)
+    return write_manifest(Manifest(frame, demo_manifest.labels), str(demo_dir / "split.parquet"))
