@@ -10,7 +10,16 @@ os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
 
 @pytest.fixture(scope="session")
-def ray_session():
+def s3():
+    """A real S3 API on 127.0.0.1, started before Ray so that Ray's workers inherit its endpoint."""
+    from s3 import s3_server
+
+    with s3_server() as (client, bucket):
+        yield client, bucket
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3):
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")

@@ -106,6 +106,7 @@ def _worker_loop(cfg: dict) -> None:
             "epoch": epoch,
             "train_loss": float(totals[0] / max(totals[1], 1)),
             "unreadable_images": int(totals[2]),
+            "val_images": len(targets),
             SCORE: float(np.nanmean(list(per_label.values()))),
             **{f"val_auroc/{label}": value for label, value in per_label.items()},
         }
