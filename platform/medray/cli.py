@@ -19,11 +19,14 @@ log = logging.getLogger("medray")
 def init_ray() -> None:
     """Join the cluster a job was submitted to (RAY_ADDRESS), or start a local Ray."""
     import ray
+    import ray.data
 
     if not ray.is_initialized():
         ray.init(logging_level=logging.WARNING, log_to_driver=True)
-        # Ray Data logs every execution plan at INFO; its progress bars are enough for a person.
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
+    # Ray Data prints every execution plan at INFO; its progress bars (and its log file) are enough.
+    for handler in logging.getLogger("ray.data").handlers:
+        if not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.WARNING)
 
 
 def _train(config: JobConfig) -> None:

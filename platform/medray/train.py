@@ -9,6 +9,7 @@ and a checkpoint. Submitting the same run again resumes from its latest checkpoi
 from __future__ import annotations
 
 import logging
+import sys
 import tempfile
 from dataclasses import dataclass
 
@@ -61,7 +62,21 @@ def _validate(model, shard, batch_size: int, device, amp: bool, n_labels: int) -
     return _gather(np.concatenate(probs)), _gather(np.concatenate(targets))
 
 
+def _quiet_console() -> None:
+    """Ray Train echoes every report at INFO on the user's terminal; keep its log files, drop the echo."""
+    for handler in logging.getLogger("ray.train").handlers:
+        if not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.WARNING)
+
+
+def _progress(line: str) -> None:
+    # Ray Train's patched print() writes twice when stdout is wrapped, as it is in Ray workers.
+    sys.__stdout__.write(line + "\n")
+    sys.__stdout__.flush()
+
+
 def _worker_loop(cfg: dict) -> None:
+    _quiet_console()
     config = JobConfig.model_validate(cfg["config"])
     labels, t = cfg["labels"], config.train
     torch.manual_seed(t.seed)
@@ -125,7 +140,7 @@ def _worker_loop(cfg: dict) -> None:
                 checkpoint.save(directory, state, meta)
                 saved = ray.train.Checkpoint.from_directory(directory)
                 aurocs = ", ".join(f"{k} {v:.3f}" for k, v in per_label.items())
-                print(f"epoch {epoch + 1}/{t.epochs}: loss {metrics['train_loss']:.4f}, val AUROC {metrics[SCORE]:.3f} ({aurocs})", flush=True)
+                _progress(f"epoch {epoch + 1}/{t.epochs}: loss {metrics['train_loss']:.4f}, val AUROC {metrics[SCORE]:.3f} ({aurocs})")
             ray.train.report(metrics, checkpoint=saved, checkpoint_dir_name=f"epoch_{epoch:03d}")
 
 

@@ -26,7 +26,7 @@ def _fmt(value) -> str:
 def _markdown_table(frame: pd.DataFrame) -> str:
     head = [frame.index.name or "", *frame.columns]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join([str(idx), *(_fmt(v) for v in row)]) + " |" for idx, row in frame.iterrows()]
+    lines += ["| " + " | ".join([str(idx), *(_fmt(v) for v in row)]) + " |" for idx, row in frame.astype(object).iterrows()]
     return "\n".join(lines)
 
 
@@ -34,7 +34,7 @@ def _html_table(frame: pd.DataFrame) -> str:
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in [frame.index.name or "", *frame.columns])
     body = "".join(
         "<tr>" + f"<th>{html.escape(str(idx))}</th>" + "".join(f"<td>{_fmt(v)}</td>" for v in row) + "</tr>"
-        for idx, row in frame.iterrows()
+        for idx, row in frame.astype(object).iterrows()
     )
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 

@@ -1,0 +1,84 @@
+"""`ray job submit` against a real local cluster that the test starts (`ray start --head`) and stops."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def venv_env() -> dict:
+    """As in an activated virtual environment: the job's `python` is the one with medray's dependencies.
+    Read when called, after Ray has set up its auth settings in this process's environment."""
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def cluster(tmp_path, ray_session):
+    """A second, separate Ray: the session's own local Ray is started first, so it never joins this one."""
+    dashboard = free_port()
+    # Ports of its own, so that its agents do not collide with the session's Ray on the same machine.
+    ports = [f"--{name}={free_port()}" for name in ("port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                    "runtime-env-agent-port", "metrics-export-port", "ray-client-server-port")]  # fmt: skip
+    head = subprocess.Popen(
+        [RAY, "start", "--head", "--block", *ports, "--num-cpus=2", "--include-dashboard=true",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--disable-usage-stats"],  # fmt: skip
+        stdout=open(tmp_path / "head.log", "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env=venv_env(),
+    )
+    address = f"http://127.0.0.1:{dashboard}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{address}/api/version", timeout=2)
+            break
+        except urllib.error.HTTPError:  # answering, if only to ask for Ray's auth token: it is up
+            break
+        except OSError:
+            if time.monotonic() > deadline or head.poll() is not None:
+                head.kill()
+                pytest.fail("the Ray head did not start:\n" + (tmp_path / "head.log").read_text()[-3000:])
+            time.sleep(1)
+    yield address
+    os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops the cluster it started
+    head.wait(timeout=60)
+
+
+def test_train_job_runs_through_ray_job_submit(cluster, split_manifest_path, tmp_path):
+    storage = tmp_path / "runs"
+    overrides = [
+        "name=submitted", f"storage={storage}", f"data.manifest={split_manifest_path}", "data.image_size=32",
+        "train.epochs=1", "train.workers=1", "train.cpus_per_worker=0.5", "train.batch_size=16",
+    ]  # fmt: skip
+    command = [RAY, "job", "submit", "--address", cluster, "--runtime-env", "jobs/runtime_env.yaml", "--",
+               "python", "jobs/train.py", "--config", "jobs/configs/demo.yaml"]  # fmt: skip
+    for override in overrides:
+        command += ["--set", override]
+    for _ in range(20):  # the head's job agent comes up a few seconds after its dashboard
+        done = subprocess.run(command, cwd=REPO, env=venv_env(), capture_output=True, text=True, timeout=600)
+        if "No available agent" not in done.stderr:
+            break
+        time.sleep(3)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "succeeded" in done.stdout
+    best = json.loads((storage / "submitted" / "best_checkpoint.json").read_text())
+    assert Path(best["checkpoint"], "model.pt").exists()
+    assert (storage / "submitted" / "train.config.yaml").exists()
