@@ -34,8 +34,12 @@ def cluster(tmp_path, ray_session):
     """A second, separate Ray: the session's own local Ray is started first, so it never joins this one."""
     dashboard = free_port()
     # Ports of its own, so that its agents do not collide with the session's Ray on the same machine.
-    ports = [f"--{name}={free_port()}" for name in ("port", "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                                    "runtime-env-agent-port", "metrics-export-port", "ray-client-server-port")]  # fmt: skip
+    gcs_port = str(free_port())
+    ports = [f"--port={gcs_port}"] + [
+        f"--{name}={free_port()}"
+        for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+                     "metrics-export-port", "ray-client-server-port")  # fmt: skip
+    ]
     head = subprocess.Popen(
         [RAY, "start", "--head", "--block", *ports, "--num-cpus=2", "--include-dashboard=true",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--disable-usage-stats"],  # fmt: skip
@@ -60,6 +64,9 @@ def cluster(tmp_path, ray_session):
     yield address
     os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops the cluster it started
     head.wait(timeout=60)
+    current = Path("/tmp/ray/ray_current_cluster")  # as `ray stop` would: forget the stopped cluster
+    if current.exists() and current.read_text().strip().endswith(gcs_port):
+        current.unlink()
 
 
 def test_train_job_runs_through_ray_job_submit(cluster, split_manifest_path, tmp_path):

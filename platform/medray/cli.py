@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from medray import storage
@@ -22,7 +23,9 @@ def init_ray() -> None:
     import ray.data
 
     if not ray.is_initialized():
-        ray.init(logging_level=logging.WARNING, log_to_driver=True)
+        # RAY_ADDRESS is set by `ray job submit` (or by the user, for a running cluster); without it,
+        # start a local Ray rather than attach to whatever cluster last ran on this machine.
+        ray.init(address=None if os.environ.get("RAY_ADDRESS") else "local", logging_level=logging.WARNING)
     # Ray Data prints every execution plan at INFO; its progress bars (and its log file) are enough.
     for handler in logging.getLogger("ray.data").handlers:
         if not isinstance(handler, logging.FileHandler):

@@ -7,10 +7,10 @@ import logging
 from dataclasses import dataclass
 
 import pandas as pd
-import ray
 
 from medray import checkpoint, splits, storage
 from medray.config import JobConfig
+from medray.data import rows
 from medray.manifest import read_manifest
 from medray.metrics import label_table
 from medray.predict import predict, prob_columns
@@ -34,7 +34,7 @@ def evaluate(config: JobConfig) -> Evaluation:
     manifest = read_manifest(config.manifest)
     labels = manifest.labels
     held_out = manifest.frame[manifest.frame["split"].isin(["val", "test"])][["image", "split", *labels]]
-    scored = predict(ray.data.from_pandas(held_out.reset_index(drop=True)), checkpoint_uri, config.evaluate.batch_size).to_pandas()
+    scored = predict(rows(held_out), checkpoint_uri, config.evaluate.batch_size).to_pandas()
 
     failed = scored[scored["error"] != ""]
     scored = scored[scored["error"] == ""]

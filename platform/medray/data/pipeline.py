@@ -29,7 +29,7 @@ def check_images(uris: list[str]) -> dict[str, str]:
     """Decode every image once, in parallel; return ``{uri: reason}`` for those that cannot be used."""
     if not uris:
         return {}
-    ds = ray.data.from_items([{"image": u} for u in uris]).map_batches(_probe_batch, batch_size=BATCH)
+    ds = rows(pd.DataFrame({"image": uris})).map_batches(_probe_batch, batch_size=BATCH)
     result = ds.to_pandas()
     bad = result[result["reason"] != ""]
     return dict(zip(bad["image"], bad["reason"]))
@@ -52,9 +52,14 @@ def _decode_batch(batch: dict, labels: list[str], size: int) -> dict:
 
 def decoded(frame: pd.DataFrame, labels: list[str], size: int) -> ray.data.Dataset:
     """Manifest rows → decoded, resized images with their label vectors."""
-    columns = ["image", *labels]
-    ds = ray.data.from_pandas(frame[columns].reset_index(drop=True))
-    return ds.map_batches(_decode_batch, fn_kwargs={"labels": labels, "size": size}, batch_size=BATCH)
+    return rows(frame[["image", *labels]]).map_batches(_decode_batch, fn_kwargs={"labels": labels, "size": size}, batch_size=BATCH)
+
+
+def rows(frame: pd.DataFrame) -> ray.data.Dataset:
+    """Manifest rows as a dataset in blocks of one batch, so that decoding spreads over every CPU
+    (a single pandas block would be decoded by a single task)."""
+    frame = frame.reset_index(drop=True)
+    return ray.data.from_pandas([frame.iloc[i : i + BATCH] for i in range(0, max(len(frame), 1), BATCH)])
 
 
 def _augment(batch: dict, policy: str) -> dict:
