@@ -16,6 +16,7 @@ import os
 import torch
 
 from medray import storage
+from medray.losses import head_size
 from medray.models import Classifier, build_model
 
 MODEL_FILE, META_FILE, BEST_FILE = "model.pt", "meta.json", "best_checkpoint.json"
@@ -44,7 +45,8 @@ def load_model(uri: str) -> tuple[Classifier, dict]:
     except FileNotFoundError:
         raise CheckpointError(f"{uri} is not a medray checkpoint (no {META_FILE} / {MODEL_FILE})") from None
     state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    model = build_model(meta["backbone"], len(meta["labels"]), meta["in_channels"])
+    meta.setdefault("task", "multi-label")
+    model = build_model(meta["backbone"], head_size(meta["task"], len(meta["labels"])), meta["in_channels"])
     model.load_state_dict(state["model"])
     meta["sha256"] = hashlib.sha256(data).hexdigest()
     return model.eval(), meta

@@ -52,14 +52,39 @@ class SplitConfig(_Section):
 class DataConfig(_Section):
     manifest: Uri | None = Field(None, description="split manifest; default <storage>/<name>/data/manifest.parquet")
     image_size: int = Field(128, ge=16, le=2048)
-    augment: Literal["cxr", "none"] = "cxr"
+    augment: str = Field("cxr", description="augmentation policy: cxr, derm, fundus, histo or none")
+    augment_params: dict[str, float] = Field(default_factory=dict, description="overrides of the policy's defaults")
     cache_decoded: bool = Field(True, description="keep decoded, resized images in Ray's object store across epochs")
+
+    @model_validator(mode="after")
+    def _known_policy(self):
+        from medray.augment import policy
+
+        policy(self.augment, self.augment_params)  # raises, naming the unknown policy or parameter
+        return self
+
+
+class SamplingConfig(_Section):
+    strategy: Literal["none", "undersample", "oversample", "balanced", "patient_balanced"] = "none"
+    label: str | None = Field(None, description="label whose classes under/oversample balance; default: split.label")
+    samples_per_epoch: int | None = Field(None, ge=1, description="default: the training split's size")
+
+
+class LossConfig(_Section):
+    weighting: Literal["none", "seed", "pos_weight", "effective_number"] = "seed"
+    beta: float = Field(0.999, gt=0, lt=1, description="effective_number's beta (Cui et al. 2019)")
+    focal_gamma: float = Field(0.0, ge=0, description="> 0 adds the focal term (Lin et al. 2017)")
 
 
 class ModelConfig(_Section):
     backbone: str = "resnet18"
-    weights: Uri | None = Field(None, description="local or s3:// state dict for transfer learning")
+    in_channels: Literal[1, 3] = Field(1, description="1 for radiographs, 3 for colour photographs and slides")
+    weights: Uri | None = Field(None, description="local or s3:// torchvision state dict or medray checkpoint")
     weights_sha256: str | None = None
+    freeze: Literal["full", "head_only", "stages", "gradual"] = Field("full", description="what trains (see freezing.py)")
+    freeze_stages: int = Field(0, ge=0, description="with freeze: stages, how many of the first stages stay frozen")
+    unfreeze_every: int = Field(1, ge=1, description="with freeze: gradual, epochs between unfreezing stages")
+    lr_decay: float = Field(1.0, gt=0, le=1, description="discriminative learning rates: ×decay per stage below the head")
 
     @model_validator(mode="after")
     def _known_backbone(self):
@@ -75,7 +100,6 @@ class TrainConfig(_Section):
     batch_size: int = Field(32, ge=1)
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
-    loss_weighting: Literal["seed", "none"] = "seed"
     workers: int = Field(2, ge=1)
     cpus_per_worker: float = Field(1.0, gt=0, description="leave CPUs free for Ray Data's decoding and augmentation")
     use_gpu: bool = False
@@ -104,6 +128,8 @@ class JobConfig(_Section):
     demo_data: DemoDataConfig = DemoDataConfig()
     split: SplitConfig = SplitConfig()
     data: DataConfig = DataConfig()
+    sampling: SamplingConfig = SamplingConfig()
+    loss: LossConfig = LossConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()

@@ -53,9 +53,9 @@ def _ellipse(xx, yy, cx, cy, ax, ay, softness=0.02):
     return np.clip((1.0 - r) / softness + 0.5, 0.0, 1.0)
 
 
-def _make_patient(pid: int, rng: np.random.Generator) -> Patient:
+def _make_patient(pid: int, rng: np.random.Generator, prevalence: dict[str, float]) -> Patient:
     age = int(np.clip(rng.normal(55, 17), 18, 95))
-    prevalence = dict(PATIENT_PREVALENCE)
+    prevalence = dict(prevalence)
     prevalence["Cardiomegaly"] *= 0.5 if age < 50 else 1.6
     findings = frozenset(f for f in FINDINGS if rng.random() < prevalence[f])
     return Patient(
@@ -134,8 +134,14 @@ def _votes(truth: frozenset[str], rng: np.random.Generator, raters: int = 3) -> 
     return rows
 
 
-def generate(out: str, patients: int = 600, image_size: int = 256, seed: int = 0) -> str:
-    """Write ``images/*.png``, ``Data_Entry_2017.csv`` and ``rater_votes.csv`` under ``out``; return the CSV path."""
+def generate(
+    out: str, patients: int = 600, image_size: int = 256, seed: int = 0, prevalence: dict[str, float] | None = None
+) -> str:
+    """Write ``images/*.png``, ``Data_Entry_2017.csv`` and ``rater_votes.csv`` under ``out``; return the CSV path.
+
+    ``prevalence`` overrides the share of patients with a finding, e.g. ``{"Mass": 0.015}`` for a rare one.
+    """
+    prevalence = {**PATIENT_PREVALENCE, **(prevalence or {})}
     images = os.path.join(out, "images")
     os.makedirs(images, exist_ok=True)
     spacing = f"{FIELD_OF_VIEW_MM / image_size:.3f}"
@@ -143,7 +149,7 @@ def generate(out: str, patients: int = 600, image_size: int = 256, seed: int = 0
     streams = np.random.SeedSequence(seed).spawn(patients)
     for pid, stream in enumerate(tqdm(streams, desc="demo patients", unit="patient"), start=1):
         rng = np.random.default_rng(stream)
-        patient = _make_patient(pid, rng)
+        patient = _make_patient(pid, rng, prevalence)
         for follow_up in range(patient.studies):
             shown = frozenset(f for f in patient.findings if rng.random() < SHOWN_AT_FOLLOW_UP)
             name = f"{pid:08d}_{follow_up:03d}.png"

@@ -32,7 +32,10 @@ def _open(data: bytes, uri: str, max_pixels: int) -> Image.Image:
     return image
 
 
-def _to_gray8(image: Image.Image) -> Image.Image:
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """8-bit ``L`` or ``RGB``; 16-bit and float images are scaled by their own range."""
+    if image.mode in ("RGB", "RGBA", "P", "CMYK", "YCbCr"):
+        return image.convert("RGB")
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         pixels = np.asarray(image, dtype=np.float32)
         lo, hi = float(pixels.min()), float(pixels.max())
@@ -41,13 +44,13 @@ def _to_gray8(image: Image.Image) -> Image.Image:
     return image.convert("L")
 
 
-def decode(data: bytes, uri: str, size: int | None = None, max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """Encoded bytes → ``(H, W)`` uint8, resized to ``size × size`` when given."""
+def decode(data: bytes, uri: str, size: int | None = None, channels: int = 1, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Encoded bytes → ``(H, W)`` (1 channel) or ``(H, W, 3)`` uint8, resized to ``size × size`` when given."""
     image = _open(data, uri, max_pixels)
     try:
         if size is not None and image.format == "JPEG":
-            image.draft("L", (size, size))  # let libjpeg decode at reduced scale
-        image = _to_gray8(image)
+            image.draft("L" if channels == 1 else "RGB", (size, size))  # let libjpeg decode at reduced scale
+        image = _to_8bit(image).convert("L" if channels == 1 else "RGB")
         if size is not None and image.size != (size, size):
             image = image.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0)
         return np.asarray(image, dtype=np.uint8)
@@ -55,12 +58,12 @@ def decode(data: bytes, uri: str, size: int | None = None, max_pixels: int = MAX
         raise ImageError(f"{uri}: cannot decode image data ({err.__class__.__name__}: {err})") from None
 
 
-def load(uri: str, size: int | None = None) -> np.ndarray:
+def load(uri: str, size: int | None = None, channels: int = 1) -> np.ndarray:
     try:
         data = storage.read_bytes(uri)
     except (OSError, FileNotFoundError) as err:
         raise ImageError(f"{uri}: cannot be read ({err.__class__.__name__})") from None
-    return decode(data, uri, size)
+    return decode(data, uri, size, channels)
 
 
 def probe(uri: str) -> str | None:

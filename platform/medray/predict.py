@@ -12,6 +12,8 @@ import ray
 import torch
 
 from medray import checkpoint, images
+from medray.losses import probabilities
+from medray.models import to_input
 
 
 class Predictor:
@@ -21,25 +23,24 @@ class Predictor:
         if self.device.type == "cuda":
             model = model.to(self.device, memory_format=torch.channels_last)
         self.model = model
-        self.labels, self.size = self.meta["labels"], self.meta["image_size"]
+        self.labels, self.size, self.channels = self.meta["labels"], self.meta["image_size"], self.meta["in_channels"]
 
     def __call__(self, batch: dict) -> dict:
         n = len(batch["image"])
-        pixels = np.zeros((n, self.size, self.size), dtype=np.uint8)
+        shape = (n, self.size, self.size) if self.channels == 1 else (n, self.size, self.size, self.channels)
+        pixels = np.zeros(shape, dtype=np.uint8)
         errors = np.full(n, "", dtype=object)
         for i, uri in enumerate(batch["image"]):
             try:
-                pixels[i] = images.load(str(uri), self.size)
+                pixels[i] = images.load(str(uri), self.size, self.channels)
             except images.ImageError as err:
                 errors[i] = str(err)
         ok = errors == ""
         probs = np.full((n, len(self.labels)), np.nan, dtype=np.float32)
         if ok.any():
-            x = torch.from_numpy(pixels[ok]).to(self.device).unsqueeze(1).float().div_(255)
-            if self.device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = to_input(torch.from_numpy(pixels[ok]), self.device)
             with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-                probs[ok] = torch.sigmoid(self.model(x).float()).cpu().numpy()
+                probs[ok] = probabilities(self.meta["task"], self.model(x)).cpu().numpy()
         out = dict(batch)
         out.update({f"prob_{label}": probs[:, j] for j, label in enumerate(self.labels)})
         out["error"] = errors

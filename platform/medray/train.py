@@ -8,6 +8,7 @@ and a checkpoint. Submitting the same run again resumes from its latest checkpoi
 
 from __future__ import annotations
 
+import gc
 import logging
 import sys
 import tempfile
@@ -20,13 +21,14 @@ import torch
 import torch.distributed as dist
 from ray.train.torch import TorchTrainer
 
-from medray import checkpoint, storage
+from medray import checkpoint, freezing, storage
 from medray.config import JobConfig
-from medray.data import augmented, decoded
-from medray.losses import WeightedBCE, class_weights
+from medray.data import augmented, decoded, resampled
+from medray.losses import head_size, make_loss, probabilities
 from medray.manifest import read_manifest
 from medray.metrics import auroc_per_label
-from medray.models import build_model
+from medray.models import build_model, to_input
+from medray.sampling import COLUMN, expected_draws
 
 log = logging.getLogger(__name__)
 SCORE = "val_auroc_mean"
@@ -38,11 +40,6 @@ class TrainResult:
     metrics: dict
 
 
-def _as_input(batch: dict, device: torch.device) -> torch.Tensor:
-    x = batch["image"].to(device, non_blocking=True).unsqueeze(1).float().div_(255)
-    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
-
-
 def _gather(local: np.ndarray) -> np.ndarray:
     """Rows from every worker, so validation metrics cover the whole split, not one shard."""
     if not dist.is_initialized():
@@ -52,12 +49,12 @@ def _gather(local: np.ndarray) -> np.ndarray:
     return np.concatenate([p for p in parts if len(p)])
 
 
-def _validate(model, shard, batch_size: int, device, amp: bool, n_labels: int) -> tuple[np.ndarray, np.ndarray]:
+def _validate(model, shard, batch_size: int, device, amp: bool, task: str, n_labels: int) -> tuple[np.ndarray, np.ndarray]:
     model.eval()
     probs, targets = [np.empty((0, n_labels))], [np.empty((0, n_labels))]
     with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
         for batch in shard.iter_torch_batches(batch_size=batch_size):
-            probs.append(torch.sigmoid(model(_as_input(batch, device)).float()).cpu().numpy())
+            probs.append(probabilities(task, model(to_input(batch["image"], device))).cpu().numpy())
             targets.append(batch["labels"].numpy())
     return _gather(np.concatenate(probs)), _gather(np.concatenate(targets))
 
@@ -78,14 +75,15 @@ def _progress(line: str) -> None:
 def _worker_loop(cfg: dict) -> None:
     _quiet_console()
     config = JobConfig.model_validate(cfg["config"])
-    labels, t = cfg["labels"], config.train
+    labels, task, t, m = cfg["labels"], cfg["task"], config.train, config.model
     torch.manual_seed(t.seed)
     device = ray.train.torch.get_device()
     amp = t.amp and device.type == "cuda"
     rank = ray.train.get_context().get_world_rank()
 
-    model = build_model(config.model.backbone, len(labels), 1, config.model.weights, config.model.weights_sha256)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    model = build_model(m.backbone, head_size(task, len(labels)), m.in_channels, m.weights, m.weights_sha256)
+    # Every parameter is in the optimizer, frozen or not, so that unfreezing later needs no new optimizer.
+    optimizer = torch.optim.AdamW(freezing.param_groups(model, t.lr, m.lr_decay), lr=t.lr, weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=t.epochs)
     start = 0
     resumed = ray.train.get_checkpoint()
@@ -98,15 +96,24 @@ def _worker_loop(cfg: dict) -> None:
         start = state["epoch"] + 1
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
-    model = ray.train.torch.prepare_model(model)
-    loss_fn = WeightedBCE(cfg["pos_weight"], cfg["neg_weight"]).to(device)
+    bare = model
+    freezing.apply(bare, m.freeze, start, m.freeze_stages, m.unfreeze_every)
+    model = ray.train.torch.prepare_model(bare)
+    loss_fn = cfg["loss"].to(device)
 
     for epoch in range(start, t.epochs):
-        model.train()
+        if freezing.apply(bare, m.freeze, epoch, m.freeze_stages, m.unfreeze_every):
+            # DDP registers the trainable parameters when it wraps the model: wrap again after unfreezing,
+            # and collect the old wrapper first so that its gradient hooks are gone.
+            model = None
+            gc.collect()
+            model = ray.train.torch.prepare_model(bare)
+        freezing.train_mode(bare)
         loss_sum, seen, unreadable = 0.0, 0, 0
-        for batch in ray.train.get_dataset_shard("train").iter_torch_batches(batch_size=t.batch_size):
+        shard = ray.train.get_dataset_shard("train")
+        for batch in shard.iter_torch_batches(batch_size=t.batch_size, local_shuffle_buffer_size=4 * t.batch_size):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                loss = loss_fn(model(_as_input(batch, device)), batch["labels"].to(device))
+                loss = loss_fn(model(to_input(batch["image"], device)), batch["labels"].to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -114,13 +121,15 @@ def _worker_loop(cfg: dict) -> None:
             unreadable += int(batch["unreadable"].sum())
         scheduler.step()
 
-        probs, targets = _validate(model, ray.train.get_dataset_shard("val"), t.batch_size, device, amp, len(labels))
+        probs, targets = _validate(model, ray.train.get_dataset_shard("val"), t.batch_size, device, amp, task, len(labels))
         totals = _gather(np.array([[loss_sum, seen, unreadable]])).sum(axis=0)
         per_label = auroc_per_label(targets, probs, labels)
         metrics = {
             "epoch": epoch,
             "train_loss": float(totals[0] / max(totals[1], 1)),
             "unreadable_images": int(totals[2]),
+            "train_samples": int(totals[1]),
+            "trainable_parameters": sum(p.numel() for p in bare.parameters() if p.requires_grad),
             "val_images": len(targets),
             SCORE: float(np.nanmean(list(per_label.values()))),
             **{f"val_auroc/{label}": value for label, value in per_label.items()},
@@ -128,14 +137,13 @@ def _worker_loop(cfg: dict) -> None:
         with tempfile.TemporaryDirectory() as directory:
             saved = None
             if rank == 0:
-                bare = model.module if hasattr(model, "module") else model
                 state = {
                     "model": bare.state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(),
                     "epoch": epoch,
                 }
-                meta = {"backbone": config.model.backbone, "labels": labels, "in_channels": 1,
+                meta = {"backbone": m.backbone, "labels": labels, "task": task, "in_channels": m.in_channels,
                         "image_size": config.data.image_size, "epoch": epoch, "metrics": metrics}  # fmt: skip
                 checkpoint.save(directory, state, meta)
                 saved = ray.train.Checkpoint.from_directory(directory)
@@ -162,28 +170,29 @@ def train(config: JobConfig) -> TrainResult:
     manifest = read_manifest(config.manifest)
     labels = manifest.labels
     train_frame, val_frame = manifest.split("train"), manifest.split("val")
-    pos_weight, neg_weight = class_weights(train_frame[labels].to_numpy(), config.train.loss_weighting)
+    loss = make_loss(manifest.task, train_frame[labels].to_numpy(float), config.loss.weighting, config.loss.beta, config.loss.focal_gamma)
+    s = config.sampling
+    if s.strategy != "none" or s.samples_per_epoch:
+        draws = expected_draws(train_frame, labels, s.strategy, s.label or config.split.label, s.samples_per_epoch)
+        train_frame = train_frame.assign(**{COLUMN: draws})
     log.info("training on %d images, validating on %d", len(train_frame), len(val_frame))
 
-    size = config.data.image_size
-    train_ds, val_ds = decoded(train_frame, labels, size), decoded(val_frame, labels, size)
+    size, channels = config.data.image_size, config.model.in_channels
+    train_ds, val_ds = decoded(train_frame, labels, size, channels), decoded(val_frame, labels, size, channels)
     if config.data.cache_decoded:
         train_ds, val_ds = train_ds.materialize(), val_ds.materialize()
+    if COLUMN in train_frame:
+        train_ds = resampled(train_ds)
     trainer = TorchTrainer(
         _worker_loop,
-        train_loop_config={
-            "config": config.model_dump(mode="json"),
-            "labels": labels,
-            "pos_weight": pos_weight.tolist(),
-            "neg_weight": neg_weight.tolist(),
-        },
+        train_loop_config={"config": config.model_dump(mode="json"), "labels": labels, "task": manifest.task, "loss": loss},
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.train.workers,
             use_gpu=config.train.use_gpu,
             resources_per_worker={"CPU": config.train.cpus_per_worker},
         ),
         run_config=_run_config(config),
-        datasets={"train": augmented(train_ds, config.data.augment), "val": val_ds},
+        datasets={"train": augmented(train_ds, config.data.augment, config.data.augment_params), "val": val_ds},
     )
     result = trainer.fit()
     best = result.get_best_checkpoint(SCORE, "max")

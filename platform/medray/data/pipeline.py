@@ -1,8 +1,9 @@
-"""Ray Data pipelines over manifest rows: check, decode + resize, augment.
+"""Ray Data pipelines over manifest rows: check, decode + resize, resample, augment.
 
-Batches are numpy dicts (``image``: ``(B, H, W)`` uint8, ``labels``: ``(B, L)`` float32). An image
-that fails to decode mid-training becomes a blank image whose labels are all NaN — masked out of
-the loss and the metrics like any unknown label — and the worker counts it; the job goes on.
+Batches are numpy dicts (``image``: ``(B, H, W)`` uint8 for grayscale or ``(B, H, W, 3)`` for RGB,
+``labels``: ``(B, L)`` float32). An image that fails to decode mid-training becomes a blank image
+whose labels are all NaN — masked out of the loss and the metrics like any unknown label — and the
+worker counts it; the job goes on.
 """
 
 from __future__ import annotations
@@ -15,9 +16,17 @@ import ray
 
 from medray import images
 from medray.augment import augment_batch
+from medray.sampling import COLUMN, resample_batch
 
 log = logging.getLogger(__name__)
 BATCH = 64
+
+
+def rows(frame: pd.DataFrame) -> ray.data.Dataset:
+    """Manifest rows as a dataset in blocks of one batch, so that decoding spreads over every CPU
+    (a single pandas block would be decoded by a single task)."""
+    frame = frame.reset_index(drop=True)
+    return ray.data.from_pandas([frame.iloc[i : i + BATCH] for i in range(0, max(len(frame), 1), BATCH)])
 
 
 def _probe_batch(batch: dict) -> dict:
@@ -29,45 +38,48 @@ def check_images(uris: list[str]) -> dict[str, str]:
     """Decode every image once, in parallel; return ``{uri: reason}`` for those that cannot be used."""
     if not uris:
         return {}
-    ds = rows(pd.DataFrame({"image": uris})).map_batches(_probe_batch, batch_size=BATCH)
-    result = ds.to_pandas()
+    result = rows(pd.DataFrame({"image": uris})).map_batches(_probe_batch, batch_size=BATCH).to_pandas()
     bad = result[result["reason"] != ""]
     return dict(zip(bad["image"], bad["reason"]))
 
 
-def _decode_batch(batch: dict, labels: list[str], size: int) -> dict:
+def _decode_batch(batch: dict, labels: list[str], size: int, channels: int) -> dict:
     n = len(batch["image"])
-    pixels = np.zeros((n, size, size), dtype=np.uint8)
+    shape = (n, size, size) if channels == 1 else (n, size, size, channels)
+    pixels = np.zeros(shape, dtype=np.uint8)
     targets = np.stack([batch[label].astype(np.float32) for label in labels], axis=1)
     bad = np.zeros(n, dtype=bool)
     for i, uri in enumerate(batch["image"]):
         try:
-            pixels[i] = images.load(str(uri), size)
+            pixels[i] = images.load(str(uri), size, channels)
         except images.ImageError as err:
             log.warning("skipping unreadable image: %s", err)
             targets[i] = np.nan
             bad[i] = True
-    return {"image": pixels, "labels": targets, "unreadable": bad}
+    out = {"image": pixels, "labels": targets, "unreadable": bad}
+    if COLUMN in batch:
+        out[COLUMN] = batch[COLUMN]
+    return out
 
 
-def decoded(frame: pd.DataFrame, labels: list[str], size: int) -> ray.data.Dataset:
-    """Manifest rows → decoded, resized images with their label vectors."""
-    return rows(frame[["image", *labels]]).map_batches(_decode_batch, fn_kwargs={"labels": labels, "size": size}, batch_size=BATCH)
+def decoded(frame: pd.DataFrame, labels: list[str], size: int, channels: int = 1) -> ray.data.Dataset:
+    """Manifest rows → decoded, resized images with their label vectors (and sampling multiplicity)."""
+    columns = ["image", *labels, *([COLUMN] if COLUMN in frame else [])]
+    kwargs = {"labels": labels, "size": size, "channels": channels}
+    return rows(frame[columns]).map_batches(_decode_batch, fn_kwargs=kwargs, batch_size=BATCH)
 
 
-def rows(frame: pd.DataFrame) -> ray.data.Dataset:
-    """Manifest rows as a dataset in blocks of one batch, so that decoding spreads over every CPU
-    (a single pandas block would be decoded by a single task)."""
-    frame = frame.reset_index(drop=True)
-    return ray.data.from_pandas([frame.iloc[i : i + BATCH] for i in range(0, max(len(frame), 1), BATCH)])
+def resampled(ds: ray.data.Dataset) -> ray.data.Dataset:
+    """A new sample on every pass, from the ``multiplicity`` column (see medray.sampling)."""
+    return ds.map_batches(resample_batch, batch_size=BATCH).randomize_block_order()
 
 
-def _augment(batch: dict, policy: str) -> dict:
-    return {**batch, "image": augment_batch(batch["image"], policy)}
+def _augment(batch: dict, policy: str, params: dict | None) -> dict:
+    return {**batch, "image": augment_batch(batch["image"], policy, params)}
 
 
-def augmented(ds: ray.data.Dataset, policy: str) -> ray.data.Dataset:
+def augmented(ds: ray.data.Dataset, policy: str, params: dict | None = None) -> ray.data.Dataset:
     """Fresh random augmentation on every pass (epoch) over ``ds``."""
     if policy == "none":
         return ds
-    return ds.map_batches(_augment, fn_kwargs={"policy": policy}, batch_size=BATCH)
+    return ds.map_batches(_augment, fn_kwargs={"policy": policy, "params": params}, batch_size=BATCH)
