@@ -46,3 +46,15 @@ def test_yaml_is_loaded_safely(tmp_path):
     path.write_text("name: !!python/object/apply:os.system ['echo pwned']\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(str(path))
+
+
+def test_an_unknown_augmentation_parameter_is_named_with_the_valid_ones():
+    with pytest.raises(ConfigError, match="unknown parameter 'hflip'.*'cxr'.*degrees"):
+        build_config({"data": {"augment": "cxr", "augment_params": {"hflip": 0.5}}})
+
+
+def test_strategies_are_chosen_by_name_and_checked():
+    config = build_config(overrides=["loss.weighting=effective_number", "sampling.strategy=oversample", "model.freeze=gradual"])
+    assert (config.loss.weighting, config.sampling.strategy, config.model.freeze) == ("effective_number", "oversample", "gradual")
+    with pytest.raises(ConfigError, match="loss.weighting"):
+        build_config(overrides=["loss.weighting=inverse"])

@@ -46,3 +46,31 @@ def test_each_freezing_strategy_trains_under_ddp(freeze, split_manifest_path, ra
         assert trainable[0] == head and trainable[1] > head, "gradual unfreezing should add a stage in epoch 2"
     if sampling.get("samples_per_epoch"):
         assert 80 <= epochs[0]["train_samples"] <= 160
+
+
+@pytest.mark.parametrize("task", ["multi-class", "ordinal"])
+def test_single_label_tasks_train_and_give_a_distribution_per_image(task, demo_manifest, ray_session, tmp_path):
+    """Grades 0–2 from how many findings an image shows: a multi-class or an ordinal target."""
+    import numpy as np
+    import pandas as pd
+
+    from medray.evaluate import evaluate
+    from medray.manifest import Manifest, write_manifest
+    from medray.splits import split_by_patient
+
+    frame = demo_manifest.frame
+    grade = np.minimum(frame[demo_manifest.labels].sum(axis=1).to_numpy(dtype=int), 2)
+    grades = ["grade0", "grade1", "grade2"]
+    onehot = pd.DataFrame(np.eye(3, dtype=np.float32)[grade], columns=grades)
+    graded = Manifest(pd.concat([frame[["image", "patient_id"]], onehot], axis=1), grades, task)
+    split = split_by_patient(graded, val=0.2, test=0.2, min_positive=0.3, label="grade1", seed=0)
+    path = write_manifest(Manifest(split, grades, task), str(tmp_path / "graded.parquet"))
+
+    config = build_config(
+        {"name": task, "storage": str(tmp_path), "data": {"manifest": path, "image_size": 32},
+         "train": {"epochs": 1, "workers": 1, "cpus_per_worker": 0.5, "batch_size": 16}}  # fmt: skip
+    )
+    train(config)
+    predictions = pd.read_parquet(evaluate(config).paths["predictions"])
+    probs = predictions[[f"prob_{g}" for g in grades]].to_numpy()
+    assert np.allclose(probs.sum(axis=1), 1, atol=1e-4) and (probs >= 0).all()

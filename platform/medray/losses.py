@@ -135,7 +135,7 @@ def make_loss(task: str, train_targets: np.ndarray, weighting: str, beta: float 
     if task == "multi-class":
         return WeightedCE(per_class_weights(train_targets, weighting, beta), focal_gamma)
     if task == "ordinal":
-        cumulative = ordinal_targets(torch.as_tensor(train_targets, dtype=torch.float32)).numpy()
+        cumulative = ordinal_targets(torch.tensor(train_targets, dtype=torch.float32)).numpy()
         return OrdinalBCE(*class_weights(cumulative, weighting, beta), focal_gamma)
     raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
 
