@@ -22,7 +22,8 @@ def s3():
 def ray_session(s3):
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    # With its dashboard, as on a real cluster: Ray Train frees a stopped trial's resources through it.
+    ray.init(address="local", num_cpus=2, include_dashboard=True, logging_level="WARNING")
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()

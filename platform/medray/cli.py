@@ -54,13 +54,23 @@ def _score(config: JobConfig) -> None:
     print(f"scored {s.inputs} inputs: {s.scored} scored, {s.errors} errors → {s.output}")
 
 
+def _tune(config: JobConfig) -> None:
+    from medray.tune import run_sweep
+
+    if not config.tune.space:
+        raise SystemExit("medray tune: set tune.space to a search space, e.g. --set tune.space=tune_spaces/imbalance.yaml")
+    result = run_sweep(config, config.tune.space, config.tune.seeds)
+    print(result.trials.head(10).to_string())
+    print(f"ranking: {result.paths['ranking.md']}\nbest config: {result.best_config}")
+
+
 def _demo(config: JobConfig) -> None:
     from medray.demo import run_demo
 
     run_demo(config)
 
 
-JOBS = {"train": _train, "evaluate": _evaluate, "score": _score, "demo": _demo}
+JOBS = {"train": _train, "tune": _tune, "evaluate": _evaluate, "score": _score, "demo": _demo}
 
 
 def run_job(verb: str, argv: list[str] | None = None) -> None:

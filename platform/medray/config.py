@@ -122,6 +122,11 @@ class ScoreConfig(_Section):
     actors: int = Field(1, ge=1)
 
 
+class SweepConfig(_Section):
+    space: Uri | None = Field(None, description="search space YAML, e.g. tune_spaces/imbalance.yaml")
+    seeds: int = Field(0, ge=0, description="rerun the best trial with this many other seeds")
+
+
 class JobConfig(_Section):
     name: str = Field("demo", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     storage: Uri = "runs"
@@ -134,6 +139,7 @@ class JobConfig(_Section):
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     score: ScoreConfig = ScoreConfig()
+    tune: SweepConfig = SweepConfig()
 
     @property
     def run_dir(self) -> str:
@@ -161,10 +167,10 @@ def parse_overrides(pairs: list[str]) -> dict:
     return nested
 
 
-def _merge(base: dict, update: dict) -> dict:
+def merge(base: dict, update: dict) -> dict:
     merged = dict(base)
     for key, value in update.items():
-        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+        merged[key] = merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
     return merged
 
 
@@ -178,7 +184,7 @@ def _describe(error: ValidationError, source: str) -> str:
 
 
 def build_config(raw: dict | None = None, overrides: list[str] | None = None, source: str = "") -> JobConfig:
-    data = _merge(raw or {}, parse_overrides(overrides or []))
+    data = merge(raw or {}, parse_overrides(overrides or []))
     try:
         return JobConfig.model_validate(data)
     except ValidationError as err:

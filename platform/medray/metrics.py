@@ -22,6 +22,15 @@ def auroc(y: np.ndarray, p: np.ndarray) -> float:
     return float(roc_auc_score(y, p)) if len(np.unique(y)) == 2 else float("nan")
 
 
+def sensitivity_at_specificity(y: np.ndarray, p: np.ndarray, specificity: float = 0.9) -> float:
+    """The best sensitivity among thresholds whose specificity is at least ``specificity``."""
+    y, p = _known(np.asarray(y, float), np.asarray(p, float))
+    if len(np.unique(y)) < 2:
+        return float("nan")
+    fpr, tpr, _ = roc_curve(y, p)
+    return float(tpr[fpr <= 1 - specificity].max())
+
+
 def auroc_per_label(targets: np.ndarray, probs: np.ndarray, labels: list[str]) -> dict[str, float]:
     return {label: auroc(targets[:, i], probs[:, i]) for i, label in enumerate(labels)}
 

@@ -26,7 +26,7 @@ from medray.config import JobConfig
 from medray.data import augmented, decoded, resampled
 from medray.losses import head_size, make_loss, probabilities
 from medray.manifest import read_manifest
-from medray.metrics import auroc_per_label
+from medray.metrics import auroc_per_label, sensitivity_at_specificity
 from medray.models import build_model, to_input
 from medray.sampling import COLUMN, expected_draws
 
@@ -124,6 +124,7 @@ def _worker_loop(cfg: dict) -> None:
         probs, targets = _validate(model, ray.train.get_dataset_shard("val"), t.batch_size, device, amp, task, len(labels))
         totals = _gather(np.array([[loss_sum, seen, unreadable]])).sum(axis=0)
         per_label = auroc_per_label(targets, probs, labels)
+        sens = {label: sensitivity_at_specificity(targets[:, i], probs[:, i], 0.9) for i, label in enumerate(labels)}
         metrics = {
             "epoch": epoch,
             "train_loss": float(totals[0] / max(totals[1], 1)),
@@ -133,6 +134,7 @@ def _worker_loop(cfg: dict) -> None:
             "val_images": len(targets),
             SCORE: float(np.nanmean(list(per_label.values()))),
             **{f"val_auroc/{label}": value for label, value in per_label.items()},
+            **{f"val_sens_at_spec90/{label}": value for label, value in sens.items()},
         }
         with tempfile.TemporaryDirectory() as directory:
             saved = None
@@ -152,10 +154,11 @@ def _worker_loop(cfg: dict) -> None:
             ray.train.report(metrics, checkpoint=saved, checkpoint_dir_name=f"epoch_{epoch:03d}")
 
 
-def _run_config(config: JobConfig) -> ray.train.RunConfig:
+def _run_config(config: JobConfig, callbacks: list | None) -> ray.train.RunConfig:
     fs, path = storage.filesystem(config.run_dir)
     return ray.train.RunConfig(
         name="train",
+        callbacks=callbacks,
         storage_path=path,
         storage_filesystem=fs if storage.is_s3(config.run_dir) else None,
         checkpoint_config=ray.train.CheckpointConfig(
@@ -166,7 +169,8 @@ def _run_config(config: JobConfig) -> ray.train.RunConfig:
     )
 
 
-def train(config: JobConfig) -> TrainResult:
+def build_trainer(config: JobConfig, callbacks: list | None = None) -> TorchTrainer:
+    """The run's ``TorchTrainer``, its datasets decoded; ``callbacks`` let a Tune trial hear its reports."""
     manifest = read_manifest(config.manifest)
     labels = manifest.labels
     train_frame, val_frame = manifest.split("train"), manifest.split("val")
@@ -183,7 +187,7 @@ def train(config: JobConfig) -> TrainResult:
         train_ds, val_ds = train_ds.materialize(), val_ds.materialize()
     if COLUMN in train_frame:
         train_ds = resampled(train_ds)
-    trainer = TorchTrainer(
+    return TorchTrainer(
         _worker_loop,
         train_loop_config={"config": config.model_dump(mode="json"), "labels": labels, "task": manifest.task, "loss": loss},
         scaling_config=ray.train.ScalingConfig(
@@ -191,10 +195,14 @@ def train(config: JobConfig) -> TrainResult:
             use_gpu=config.train.use_gpu,
             resources_per_worker={"CPU": config.train.cpus_per_worker},
         ),
-        run_config=_run_config(config),
+        run_config=_run_config(config, callbacks),
         datasets={"train": augmented(train_ds, config.data.augment, config.data.augment_params), "val": val_ds},
     )
-    result = trainer.fit()
+
+
+def train(config: JobConfig, callbacks: list | None = None) -> TrainResult:
+    """Train (or resume) the run; record its best checkpoint by validation mean AUROC."""
+    result = build_trainer(config, callbacks).fit()
     best = result.get_best_checkpoint(SCORE, "max")
     if best is None:
         raise RuntimeError(f"training run {config.run_dir} reported no checkpoint")

@@ -23,7 +23,7 @@ def _fmt(value) -> str:
     return str(value)
 
 
-def _markdown_table(frame: pd.DataFrame) -> str:
+def markdown_table(frame: pd.DataFrame) -> str:
     head = [frame.index.name or "", *frame.columns]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join([str(idx), *(_fmt(v) for v in row)]) + " |" for idx, row in frame.astype(object).iterrows()]
@@ -57,9 +57,9 @@ def write_report(out_dir: str, title: str, table: pd.DataFrame, splits: pd.DataF
         [
             f"# {title}",
             "## Data",
-            _markdown_table(splits),
+            markdown_table(splits),
             "## Test metrics per label",
-            _markdown_table(shown),
+            markdown_table(shown),
             f"Mean AUROC over labels: **{metrics['mean_auroc']:.3f}**",
             "\n".join(f"- {line}" for line in intro),
             "## ROC curves",

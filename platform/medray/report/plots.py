@@ -45,3 +45,22 @@ def roc_curves(targets: np.ndarray, probs: np.ndarray, table: pd.DataFrame) -> b
         ax.axis("off")
     fig.suptitle(f"ROC curves on the test split (n = {len(targets)})")
     return _png(fig)
+
+
+def metric_by_dimension(table: pd.DataFrame, dimensions: list[str], metric: str) -> bytes:
+    """One panel per searched dimension: every trial's metric against the value it drew."""
+    fig, axes = plt.subplots(1, len(dimensions), figsize=(3.6 * len(dimensions), 3.2), squeeze=False)
+    for ax, dimension in zip(axes.flat, dimensions):
+        values = table[dimension]
+        if pd.api.types.is_numeric_dtype(values):
+            ax.scatter(values, table[metric])
+            if dimension.endswith("lr"):
+                ax.set_xscale("log")
+        else:
+            categories = sorted(values.astype(str).unique())
+            ax.scatter([categories.index(v) for v in values.astype(str)], table[metric])
+            ax.set_xticks(range(len(categories)), categories, rotation=30, ha="right")
+        ax.set_xlabel(dimension)
+        ax.set_ylabel(metric)
+    fig.suptitle(f"{metric} by searched dimension ({len(table)} trials)")
+    return _png(fig)
