@@ -36,7 +36,7 @@ def test_a_sweep_stops_poor_trials_early_and_writes_a_ranked_table_and_best_conf
         "  loss.weighting: {choice: [seed]}\n"
     )
     config = build_config(base(tmp_path, split_manifest_path))
-    result = run_sweep(config, str(space))
+    result = run_sweep(config, str(space), seeds=1)
 
     trials = pd.read_parquet(result.paths["trials.parquet"])
     assert len(trials) == 4
@@ -48,6 +48,8 @@ def test_a_sweep_stops_poor_trials_early_and_writes_a_ranked_table_and_best_conf
     best = load_config(result.best_config)
     assert best.sampling.strategy == "undersample" and best.data.manifest == split_manifest_path
     assert yaml.safe_load(Path(result.best_config).read_text())["name"] == "sweep-best"
+    seeds = pd.read_csv(result.paths["seeds.csv"])
+    assert seeds["seed"].tolist() == [1] and seeds["train_samples"].notna().all()
 
 
 def test_an_interrupted_sweep_resumes_without_rerunning_finished_trials(tmp_path, split_manifest_path, ray_session):
