@@ -61,7 +61,7 @@ def cluster(tmp_path, ray_session):
                 head.kill()
                 pytest.fail("the Ray head did not start:\n" + (tmp_path / "head.log").read_text()[-3000:])
             time.sleep(1)
-    yield address
+    yield address, head, tmp_path / "head.log"
     os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops the cluster it started
     head.wait(timeout=60)
     current = Path("/tmp/ray/ray_current_cluster")  # as `ray stop` would: forget the stopped cluster
@@ -70,12 +70,13 @@ def cluster(tmp_path, ray_session):
 
 
 def test_train_job_runs_through_ray_job_submit(cluster, split_manifest_path, tmp_path):
+    address, head, log = cluster
     storage = tmp_path / "runs"
     overrides = [
         "name=submitted", f"storage={storage}", f"data.manifest={split_manifest_path}", "data.image_size=32",
         "train.epochs=1", "train.workers=1", "train.cpus_per_worker=0.5", "train.batch_size=16",
     ]  # fmt: skip
-    command = [RAY, "job", "submit", "--address", cluster, "--runtime-env", "jobs/runtime_env.yaml", "--",
+    command = [RAY, "job", "submit", "--address", address, "--runtime-env", "jobs/runtime_env.yaml", "--",
                "python", "jobs/train.py", "--config", "jobs/configs/demo.yaml"]  # fmt: skip
     for override in overrides:
         command += ["--set", override]
@@ -84,6 +85,7 @@ def test_train_job_runs_through_ray_job_submit(cluster, split_manifest_path, tmp
         if "No available agent" not in done.stderr:
             break
         time.sleep(3)
+    assert head.poll() is None, "the Ray head stopped:\n" + log.read_text()[-3000:]
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "succeeded" in done.stdout
     best = json.loads((storage / "submitted" / "best_checkpoint.json").read_text())

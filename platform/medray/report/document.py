@@ -49,8 +49,9 @@ def write_report(out_dir: str, title: str, table: pd.DataFrame, splits: pd.DataF
 
     intro = [
         "Thresholds were chosen on the validation split (Youden's J) and applied unchanged to the test split.",
-        "PPV depends on prevalence: the test split was enriched with positives, so its PPV is higher than "
-        "it would be at the prevalence a deployment sees.",
+        "PPV and NPV depend on prevalence: val and test may be enriched with positives of the split label, "
+        "and the prevalence column gives each label's share in the test split; at a deployment's lower "
+        "prevalence PPV is lower.",
         *notes,
     ]
     markdown = "\n\n".join(
