@@ -111,7 +111,9 @@ def _worker_loop(cfg: dict) -> None:
         freezing.train_mode(bare)
         loss_sum, seen, unreadable = 0.0, 0, 0
         shard = ray.train.get_dataset_shard("train")
-        for batch in shard.iter_torch_batches(batch_size=t.batch_size, local_shuffle_buffer_size=4 * t.batch_size):
+        # drop_last: resampled epochs vary in length, and a last batch of one image breaks BatchNorm.
+        batches = shard.iter_torch_batches(batch_size=t.batch_size, local_shuffle_buffer_size=4 * t.batch_size, drop_last=True)
+        for batch in batches:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 loss = loss_fn(model(to_input(batch["image"], device)), batch["labels"].to(device))
             optimizer.zero_grad(set_to_none=True)
