@@ -12,6 +12,7 @@ own exception text is reduced to its class name for the same reason.
 from __future__ import annotations
 
 import io
+import warnings
 
 import numpy as np
 
@@ -33,7 +34,9 @@ def read_header(data: bytes, uri: str):
     from pydicom.errors import InvalidDicomError
 
     try:
-        return pydicom.dcmread(io.BytesIO(data), force=False)
+        with warnings.catch_warnings():  # pydicom's validation warnings may quote header values
+            warnings.simplefilter("ignore")
+            return pydicom.dcmread(io.BytesIO(data), force=False)
     except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError) as err:
         raise DicomError(f"{uri}: unreadable DICOM ({err.__class__.__name__})") from None
 
@@ -94,7 +97,9 @@ def decode_dicom(data: bytes, uri: str, max_pixels: int) -> np.ndarray:
         raise DicomError(f"{uri}: {columns}x{rows} pixels exceeds the limit of {max_pixels}")
     try:
         frames = int(ds.get("NumberOfFrames", 1) or 1)
-        pixels = ds.pixel_array
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pixels = ds.pixel_array
     except (AttributeError, RuntimeError, ValueError, NotImplementedError, TypeError, KeyError, EOFError) as err:
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         what = f"transfer syntax {syntax.name}" if syntax is not None else "no transfer syntax"

@@ -116,19 +116,20 @@ def parse_binary(value) -> float | None:
     return None
 
 
-def _inspect(uri: str, ids_from_dicom: bool, salt: bytes | None) -> tuple[str, str, str]:
-    """(reason or "", patient, study): decode fully; header IDs leave the worker only as pseudonyms."""
+def _inspect(uri: str, ids_from_dicom: bool, salt: bytes | None) -> tuple[str, str | None, str | None]:
+    """(reason or "", patient, study): decode fully, then for a DICOM file its header IDs ("" when
+    absent; None for other files). Header IDs leave the worker only as pseudonyms when a salt is set."""
     reason = images.probe(uri) or ""
     if reason or not ids_from_dicom:
-        return reason, "", ""
+        return reason, None, None
     try:
         data = storage.read_bytes(uri)
         if not is_dicom(data):
-            return "", "", ""
+            return "", None, None
         ds = read_header(data, uri)
     except (OSError, DicomError):
-        return "", "", ""
-    patient, study = str(ds.get("PatientID", "") or ""), str(ds.get("StudyInstanceUID", "") or "")
+        return "", None, None
+    patient, study = str(ds.get("PatientID", "") or "").strip(), str(ds.get("StudyInstanceUID", "") or "").strip()
     if salt is not None:
         patient = pseudonym(patient, salt) if patient else ""
         study = pseudonym(study, salt) if study else ""
@@ -184,14 +185,14 @@ def finish(
 
     if len(frame) and options.check:
         found = inspect_images(frame["image"].unique().tolist(), options.ids_from_dicom, salt).drop_duplicates("image")
-        found = frame[["image"]].merge(found, on="image", how="left").fillna("")
-        bad = (found["reason"] != "").to_numpy()
+        found = frame[["image"]].merge(found, on="image", how="left")
+        bad = (found["reason"].fillna("") != "").to_numpy()
         for uri, reason in zip(frame["image"][bad], found["reason"][bad]):
             rejects.add(uri, reason)
-        header = (found["dicom_patient"] != "").to_numpy()
+        header = found["dicom_patient"].notna().to_numpy()  # a DICOM file: its header is the source
         frame.loc[header, "patient_id"] = found["dicom_patient"][header].to_numpy()
         frame.loc[header, "_pseudonymised"] = salt is not None
-        studies = (found["dicom_study"] != "").to_numpy()
+        studies = (found["dicom_study"].fillna("") != "").to_numpy()
         if studies.any():
             frame.loc[studies, "study_id"] = found["dicom_study"][studies].to_numpy()
         frame = frame[~bad]
