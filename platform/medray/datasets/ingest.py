@@ -87,7 +87,8 @@ class FileIndex:
 
     def resolve(self, relative: str) -> tuple[str, bool]:
         """``relative`` → (URI, found). A path may start with the root folder's own name, as
-        CheXpert's ``Path`` column does (``CheXpert-v1.0-small/train/…``)."""
+        CheXpert's ``Path`` column does (``CheXpert-v1.0-small/train/…``); a bare file name is
+        looked up anywhere below the root (HAM10000 spreads its images over two folders)."""
         relative = str(relative).strip().lstrip("/")
         candidates = [storage.join(self.root, relative)]
         head, _, rest = relative.partition("/")
@@ -96,6 +97,8 @@ class FileIndex:
         for uri in candidates:
             if uri in self.files:
                 return uri, True
+        if "/" not in relative and relative in self.by_name:
+            return self.by_name[relative], True
         return candidates[-1], False
 
     def by_basename(self, name: str) -> str | None:
