@@ -24,7 +24,13 @@ def chexpert(tmp_path):
     """``CheXpert-v1.0-small/{train,valid}.csv`` + ``{train,valid}/patientNNNNN/studyN/viewN_<view>.jpg``."""
     root = tmp_path / "CheXpert-v1.0-small"
     rows = {"train": [], "valid": []}
-    cells = {"Cardiomegaly": "-1.0", "Edema": "-1.0", "Atelectasis": "-1.0", "Pleural Effusion": "1.0", "Fracture": "0.0"}
+    cells = {
+        "Cardiomegaly": "-1.0",
+        "Edema": "-1.0",
+        "Atelectasis": "-1.0",
+        "Pleural Effusion": "1.0",
+        "Fracture": "0.0",
+    }
     for split, patients in (("train", (1, 2, 3)), ("valid", (64541,))):
         for p in patients:
             for study, view, lateral in ((1, 1, False), (1, 2, True), (2, 1, False)):
@@ -83,4 +89,6 @@ def test_an_unknown_label_value_is_quarantined_and_bad_policies_are_refused(chex
         "unknown label value(s) in column(s) ['Edema'] (expected 1, 0, -1 or blank)"
     ]
     with pytest.raises(ValueError, match="not ingested"):
-        ingest_chexpert(str(chexpert), str(tmp_path / "x.parquet"), ["Edema"], uncertainty_per_label={"Fracture": "ones"})
+        ingest_chexpert(
+            str(chexpert), str(tmp_path / "x.parquet"), ["Edema"], uncertainty_per_label={"Fracture": "ones"}
+        )

@@ -23,12 +23,16 @@ def write_npz(path, labels_of, rgb: bool = False) -> None:
 
 def ingest(tmp_path, labels_of, **kwargs):
     write_npz(tmp_path / "set.npz", labels_of, kwargs.pop("rgb", False))
-    result = ingest_medmnist(str(tmp_path / "set.npz"), str(tmp_path / "out" / "m.parquet"), options=Options(check=False), **kwargs)
+    result = ingest_medmnist(
+        str(tmp_path / "set.npz"), str(tmp_path / "out" / "m.parquet"), options=Options(check=False), **kwargs
+    )
     return result, read_manifest(result.manifest)
 
 
 def test_binary_task_is_one_label_column_and_splits_are_kept(tmp_path):
-    result, manifest = ingest(tmp_path, lambda n: (np.arange(n) % 2).reshape(n, 1).astype(np.uint8), labels=["pneumonia"])
+    result, manifest = ingest(
+        tmp_path, lambda n: (np.arange(n) % 2).reshape(n, 1).astype(np.uint8), labels=["pneumonia"]
+    )
     frame = manifest.frame
     assert manifest.task == "multi-label" and manifest.labels == ["pneumonia"]
     assert frame["split"].value_counts().to_dict() == SIZES

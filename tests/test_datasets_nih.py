@@ -39,7 +39,9 @@ def write_release(root, patients: int = 20, studies: int = 2, sex_column: str = 
 
 def test_the_published_csv_gives_14_labels_and_no_finding_rows_are_all_negative(tmp_path):
     write_release(tmp_path, patients=10, sex_column="Sex")
-    result = ingest_nih(str(tmp_path / "Data_Entry_2017.csv"), str(tmp_path / "m.parquet"), options=Options(check=False))
+    result = ingest_nih(
+        str(tmp_path / "Data_Entry_2017.csv"), str(tmp_path / "m.parquet"), options=Options(check=False)
+    )
     manifest = read_manifest(result.manifest)
     frame = manifest.frame
     assert manifest.labels == list(NIH_LABELS) and len(NIH_LABELS) == 14

@@ -52,7 +52,12 @@ def test_ham10000_groups_images_of_one_lesion(tmp_path, ray_session):
 
 
 def test_both_eyes_of_a_patient_form_one_group():
-    assert [eye_patient(x) for x in ("10_left", "10_right", "217-LEFT", "000c1434d8d7")] == ["10", "10", "217", "000c1434d8d7"]
+    assert [eye_patient(x) for x in ("10_left", "10_right", "217-LEFT", "000c1434d8d7")] == [
+        "10",
+        "10",
+        "217",
+        "000c1434d8d7",
+    ]
 
 
 def test_eyepacs_grades_from_parquet_are_ordinal_with_both_eyes_together(tmp_path):
@@ -78,10 +83,16 @@ def test_the_command_line_ingests_a_mapped_csv_from_a_config(tmp_path, ray_sessi
         (tmp_path / f"{i}.png").write_bytes(image("PNG", 50 * i))
     pd.DataFrame({"file": [f"{i}.png" for i in range(4)], "subject": ["a", "a", "b", "c"],
                   "Fracture": [1, 0, 0, ""], "Sex": ["F", "F", "M", "F"]}).to_csv(tmp_path / "labels.csv", index=False)  # fmt: skip
-    config = {"ingest": {"columns": {"image": "file", "patient": "subject", "labels": ["Fracture"], "metadata": {"Sex": "sex"}}}}
+    config = {
+        "ingest": {
+            "columns": {"image": "file", "patient": "subject", "labels": ["Fracture"], "metadata": {"Sex": "sex"}}
+        }
+    }
     (tmp_path / "ingest.yaml").write_text(yaml.safe_dump(config))
     out = tmp_path / "m.parquet"
-    main(["ingest", str(tmp_path / "labels.csv"), str(out), "--format", "csv", "--config", str(tmp_path / "ingest.yaml")])
+    main(
+        ["ingest", str(tmp_path / "labels.csv"), str(out), "--format", "csv", "--config", str(tmp_path / "ingest.yaml")]
+    )
     assert "4 in = 4 kept + 0 quarantined" in capsys.readouterr().out
     frame = read_manifest(str(out)).frame
     assert frame["Fracture"].tolist()[:3] == [1.0, 0.0, 0.0] and np.isnan(frame["Fracture"].iloc[3])

@@ -66,13 +66,17 @@ def hostile_table(tmp_path_factory):
     return root
 
 
-def test_every_bad_row_is_quarantined_with_its_reason_and_the_count_balances(hostile_table, tmp_path, ray_session, caplog):
+def test_every_bad_row_is_quarantined_with_its_reason_and_the_count_balances(
+    hostile_table, tmp_path, ray_session, caplog
+):
     columns = ColumnsConfig(image="file", patient="patient", labels=["Mass"])
     with caplog.at_level(logging.INFO, logger="medray"):
         result = ingest_table(str(hostile_table / "labels.csv"), str(tmp_path / "m.parquet"), columns)
 
     quarantine = pd.read_parquet(result.quarantine)
-    reasons = quarantine.assign(file=quarantine["image"].str.rsplit("/", n=1).str[-1]).groupby("file")["reason"].apply(list)
+    reasons = (
+        quarantine.assign(file=quarantine["image"].str.rsplit("/", n=1).str[-1]).groupby("file")["reason"].apply(list)
+    )
     for name, (*_, expected) in CASES.items():
         if expected is not None:
             assert len(reasons[name]) == 1 and expected in reasons[name][0], (name, reasons.get(name))

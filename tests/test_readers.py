@@ -64,7 +64,9 @@ def test_voi_lut_sequence_is_applied():
     ds = dataset(stored, "MONOCHROME2", 16)
     item = Dataset()
     item.add_new(0x00283002, "US", [4, 0, 16])  # LUT Descriptor: 4 entries, first maps stored 0, 16 bits
-    item.add_new(0x00283006, "US", [0, 3000, 1000, 4000])  # a non-monotonic LUT: only a real LUT lookup gives this order
+    item.add_new(
+        0x00283006, "US", [0, 3000, 1000, 4000]
+    )  # a non-monotonic LUT: only a real LUT lookup gives this order
     ds.VOILUTSequence = [item]
     out = decode(to_bytes(ds), "lut.dcm")[0]
     assert list(out) == [0, 191, 64, 255]
@@ -85,7 +87,9 @@ def test_format_is_sniffed_from_the_bytes_not_the_name(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("syntax", "tolerance"), [(RLELossless, 0), (JPEG2000Lossless, 0), (JPEG2000, 8)], ids=["rle", "j2k-lossless", "j2k"]
+    ("syntax", "tolerance"),
+    [(RLELossless, 0), (JPEG2000Lossless, 0), (JPEG2000, 8)],
+    ids=["rle", "j2k-lossless", "j2k"],
 )
 def test_compressed_transfer_syntaxes_decode(syntax, tolerance):
     pixels = gradient(64)

@@ -23,7 +23,11 @@ def png(value: int) -> bytes:
 def test_csv_and_images_on_s3_ingest_with_the_endpoint_from_the_config(s3, ray_session, tmp_path, monkeypatch, capsys):
     client, bucket = s3
     endpoint = client.meta.endpoint_url
-    files = {"site-a/img/1.png": png(10), "site-a/img/2.png": png(200), "site-a/img/3.dcm": to_bytes(dataset(gradient()))}
+    files = {
+        "site-a/img/1.png": png(10),
+        "site-a/img/2.png": png(200),
+        "site-a/img/3.dcm": to_bytes(dataset(gradient())),
+    }
     for key, data in files.items():
         client.put_object(Bucket=bucket, Key=key, Body=data)
     table = pd.DataFrame({"image": ["img/1.png", "img/2.png", "img/3.dcm", "img/gone.png"], "patient_id": ["a", "b", "b", "c"],
@@ -42,8 +46,12 @@ def test_csv_and_images_on_s3_ingest_with_the_endpoint_from_the_config(s3, ray_s
 
     assert "4 in = 3 kept + 1 quarantined" in capsys.readouterr().out
     frame = read_manifest(out).frame
-    assert frame["image"].tolist() == [f"s3://{bucket}/site-a/{name}" for name in ("img/1.png", "img/2.png", "img/3.dcm")]
+    assert frame["image"].tolist() == [
+        f"s3://{bucket}/site-a/{name}" for name in ("img/1.png", "img/2.png", "img/3.dcm")
+    ]
     assert frame["patient_id"].nunique() == 2 and not frame["patient_id"].isin(["a", "b"]).any()
     quarantine = storage.read_bytes(f"s3://{bucket}/manifests/site-a.quarantine.parquet")
     reasons = pd.read_parquet(io.BytesIO(quarantine))
-    assert reasons.to_dict("records") == [{"image": f"s3://{bucket}/site-a/img/gone.png", "reason": "image file not found"}]
+    assert reasons.to_dict("records") == [
+        {"image": f"s3://{bucket}/site-a/img/gone.png", "reason": "image file not found"}
+    ]

@@ -59,9 +59,11 @@ def _first(value) -> float:
 def _grayscale(pixels: np.ndarray, ds) -> np.ndarray:
     from pydicom.pixels import apply_modality_lut, apply_voi
 
-    values = apply_modality_lut(pixels, ds).astype(np.float64)
-    if "VOILUTSequence" in ds:
-        values = apply_voi(values, ds).astype(np.float64)
+    modality = apply_modality_lut(pixels, ds)
+    values = modality.astype(np.float64)
+    if "VOILUTSequence" in ds:  # a LUT is indexed by integer values
+        indices = modality if np.issubdtype(modality.dtype, np.integer) else np.round(modality).astype(np.int64)
+        values = apply_voi(indices, ds).astype(np.float64)
         lut = ds.VOILUTSequence[0].LUTData  # US values, or raw OW bytes in some files
         lut = np.frombuffer(lut, "<u2") if isinstance(lut, bytes) else np.asarray(lut, dtype=np.float64)
         lo, hi = float(lut.min()), float(lut.max())

@@ -18,9 +18,7 @@ from medray.datasets.ingest import IngestResult, Options, Rejects, finish
 from medray.images import IMAGE_EXTENSIONS
 
 
-def ingest_folder(
-    root: str, out: str, labels: list[str] | None = None, options: Options | None = None
-) -> IngestResult:
+def ingest_folder(root: str, out: str, labels: list[str] | None = None, options: Options | None = None) -> IngestResult:
     """``labels``: the classes (folder names) in the order of the one-hot columns; default: sorted."""
     options = options or Options(ids_from_dicom=True)
     root = root.rstrip("/") if storage.is_s3(root) else storage.absolute(root)

@@ -61,7 +61,9 @@ def official_split(names: pd.Series, patients: pd.Series, root: str, val: float,
     split[in_train_val] = np.where(patients[in_train_val].isin(chosen), "val", "train")
     unlisted = int(split.isna().sum())
     if unlisted:
-        log.warning("%d images are in neither train_val_list.txt nor test_list.txt: their split is left empty", unlisted)
+        log.warning(
+            "%d images are in neither train_val_list.txt nor test_list.txt: their split is left empty", unlisted
+        )
     return split
 
 
