@@ -186,7 +186,7 @@ def finish(
 
     frame["_pseudonymised"] = False  # IDs read from DICOM headers arrive pseudonymised already
 
-    if len(frame) and options.check:
+    if len(frame) and (options.check or options.ids_from_dicom):  # header IDs need the same pass
         found = inspect_images(frame["image"].unique().tolist(), options.ids_from_dicom, salt).drop_duplicates("image")
         found = frame[["image"]].merge(found, on="image", how="left")
         bad = (found["reason"].fillna("") != "").to_numpy()
