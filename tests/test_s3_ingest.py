@@ -55,3 +55,21 @@ def test_csv_and_images_on_s3_ingest_with_the_endpoint_from_the_config(s3, ray_s
     assert reasons.to_dict("records") == [
         {"image": f"s3://{bucket}/site-a/img/gone.png", "reason": "image file not found"}
     ]
+
+
+def test_medmnist_on_s3_writes_its_png_files_to_s3(s3, ray_session):
+    from medray.datasets import Options, ingest_medmnist
+
+    client, bucket = s3
+    arrays = {f"{split}_{kind}": np.zeros((2, 28, 28), np.uint8) if kind == "images" else np.array([[0], [1]])
+              for split in ("train", "val", "test") for kind in ("images", "labels")}  # fmt: skip
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    client.put_object(Bucket=bucket, Key="mnist/pneumoniamnist.npz", Body=buffer.getvalue())
+    out = f"s3://{bucket}/mnist/manifest.parquet"
+    result = ingest_medmnist(f"s3://{bucket}/mnist/pneumoniamnist.npz", out, ["pneumonia"], Options(check=False))
+    frame = read_manifest(out).frame
+    assert result.balance == "6 in = 6 kept + 0 quarantined"
+    assert frame["image"].iloc[0] == f"s3://{bucket}/mnist/manifest_images/train/0.png"
+    listed = client.list_objects_v2(Bucket=bucket, Prefix="mnist/manifest_images/")["Contents"]
+    assert len(listed) == 6
