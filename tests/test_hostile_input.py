@@ -141,3 +141,10 @@ def test_the_salt_is_required_for_pseudonyms_and_never_saved_with_the_config(tmp
     salted = build_config(overrides=["ingest.salt=do-not-write-me"])
     save_config(salted, str(tmp_path / "saved.yaml"))
     assert "do-not-write-me" not in (tmp_path / "saved.yaml").read_text() and "do-not-write-me" not in repr(salted)
+
+
+def test_an_ingest_with_no_usable_row_says_so_and_still_writes_the_quarantine(tmp_path):
+    pd.DataFrame({"image": ["a.png", "b.png"], "patient_id": ["p", "q"], "Mass": [1, 0]}).to_csv(tmp_path / "t.csv")
+    with pytest.raises(ValueError, match="no usable rows \\(2 in = 0 kept \\+ 2 quarantined"):
+        ingest_table(str(tmp_path / "t.csv"), str(tmp_path / "m.parquet"), ColumnsConfig(labels=["Mass"]))
+    assert pd.read_parquet(tmp_path / "m.quarantine.parquet")["reason"].tolist() == ["image file not found"] * 2

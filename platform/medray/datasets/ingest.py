@@ -181,8 +181,9 @@ def finish(
     """Refuse what cannot be used, write the manifest and the quarantine, and balance the count."""
     frame = frame.reset_index(drop=True)
     salt = options.secret() if options.pseudonymise else None
-    if "patient_id" not in frame:
-        frame["patient_id"] = np.nan
+    for column in ("image", "patient_id"):  # an adapter that kept no row returns a frame without columns
+        if column not in frame:
+            frame[column] = pd.Series(dtype=object)
 
     frame["_pseudonymised"] = False  # IDs read from DICOM headers arrive pseudonymised already
 
