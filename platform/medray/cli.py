@@ -7,6 +7,7 @@ and write the resolved config next to their outputs.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -91,9 +92,28 @@ def _run(verb: str, args: argparse.Namespace) -> None:
         config = load_config(args.config, args.set)
     except ConfigError as err:
         sys.exit(f"medray {verb}: {err}")
+    storage.configure_s3(config.s3.endpoint_url, config.s3.region)  # before Ray, so workers inherit it
     init_ray()
     save_config(config, storage.join(config.run_dir, f"{verb}.config.yaml"))
     JOBS[verb](config)
+
+
+def _ingest(args: argparse.Namespace) -> None:
+    from medray.datasets import ingest
+
+    overrides = list(args.set)
+    if args.format:
+        overrides.append(f"ingest.format={args.format}")
+    if args.labels:
+        overrides.append(f"ingest.labels={json.dumps(args.labels.split(','))}")
+    try:
+        config = load_config(args.config, overrides)
+    except ConfigError as err:
+        sys.exit(f"medray ingest: {err}")
+    storage.configure_s3(config.s3.endpoint_url, config.s3.region)  # before Ray, so workers inherit it
+    init_ray()
+    result = ingest(storage.absolute(args.source), storage.absolute(args.out), config.ingest)
+    print(f"{result.balance}\nmanifest: {result.manifest}\nquarantine: {result.quarantine}")
 
 
 def _setup_logging() -> None:
@@ -111,10 +131,12 @@ def main(argv: list[str] | None = None) -> None:
     demo_data.add_argument("--seed", type=int, default=0)
 
     ingest = verbs.add_parser("ingest", help="dataset layout → canonical manifest (Parquet)")
-    ingest.add_argument("source", help="the dataset's label file, local or s3://")
+    ingest.add_argument("source", help="the dataset's label file, .npz or folder, local or s3://")
     ingest.add_argument("out", help="manifest to write, e.g. data/manifest.parquet")
-    ingest.add_argument("--format", default="nih-cxr14", choices=["nih-cxr14"])
+    ingest.add_argument("--format", choices=["nih-cxr14", "chexpert", "medmnist", "csv", "folder"],
+                        help="default: ingest.format of the config (nih-cxr14)")  # fmt: skip
     ingest.add_argument("--labels", help="comma-separated subset of the dataset's labels")
+    _job_arguments(ingest)
 
     split = verbs.add_parser("split", help="patient-level train/val/test split")
     split.add_argument("manifest")
@@ -136,12 +158,7 @@ def main(argv: list[str] | None = None) -> None:
 
         print(generate(args.out, args.patients, args.image_size, args.seed))
     elif args.verb == "ingest":
-        from medray.datasets import FORMATS
-
-        init_ray()
-        labels = args.labels.split(",") if args.labels else None
-        result = FORMATS[args.format](storage.absolute(args.source), storage.absolute(args.out), labels)
-        print(f"{result.images} images → {result.manifest}; {result.quarantined} quarantined → {result.quarantine}")
+        _ingest(args)
     elif args.verb == "split":
         from medray.manifest import Manifest, read_manifest, write_manifest
         from medray.splits import split_by_patient, summary

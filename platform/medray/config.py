@@ -11,7 +11,15 @@ import re
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    model_validator,
+)
 
 from medray import storage
 
@@ -127,6 +135,46 @@ class SweepConfig(_Section):
     seeds: int = Field(0, ge=0, description="rerun the best trial with this many other seeds")
 
 
+class ColumnsConfig(_Section):
+    """Column mapping of a ``csv`` (CSV or Parquet) label table."""
+
+    image: str = Field("image", description="column holding the image path or ID")
+    image_pattern: str = Field("{}", description="path from the column's value, relative to the table, e.g. images/{}.jpg")
+    patient: str | None = Field("patient_id", description="patient column (not needed with a grouping rule)")
+    study: str | None = None
+    labels: list[str] = Field(default_factory=list, description="multi-label: the 0/1 label columns")
+    label: str | None = Field(None, description="multi-class / ordinal: the one column of classes or grades")
+    classes: list[str] | None = Field(None, description="class order (required for ordinal grades); default: sorted")
+    metadata: dict[str, str] = Field(default_factory=dict, description="source column → manifest column, e.g. Sex: sex")
+
+
+class IngestConfig(_Section):
+    format: Literal["nih-cxr14", "chexpert", "medmnist", "csv", "folder"] = "nih-cxr14"
+    labels: list[str] | None = Field(None, description="labels (or classes) to ingest; default: all of the dataset's")
+    task: Literal["auto", "binary", "multi-label", "multi-class", "ordinal"] = Field(
+        "auto", description="csv: multi-label unless set; medmnist: auto detects binary / multi-label / multi-class"
+    )
+    columns: ColumnsConfig = ColumnsConfig()
+    grouping: Literal["none", "ham10000", "eyes"] = Field("none", description="csv: patient groups for HAM10000 / EyePACS")
+    images: Uri | None = Field(None, description="csv: folder relative image paths start from; default: the table's")
+    uncertainty: Literal["ignore", "ones", "zeros"] = Field("ignore", description="chexpert: policy for -1 labels")
+    uncertainty_per_label: dict[str, Literal["ignore", "ones", "zeros"]] = Field(default_factory=dict)
+    views: list[str] | None = Field(None, description="chexpert: keep only these Frontal/Lateral or AP/PA values")
+    official_val: float = Field(0.1, ge=0, lt=1, description="nih-cxr14: share of train_val patients carved into val")
+    seed: int = 0
+    check: bool = Field(True, description="decode every image once and quarantine those that fail")
+    dicom_ids: bool | None = Field(None, description="patient/study IDs from DICOM headers; default: only for folder")
+    pseudonymise: bool = Field(False, description="replace patient and study IDs by salted hashes")
+    salt: SecretStr | None = Field(None, description="pseudonym key; default: env MEDRAY_PSEUDONYM_SALT. Never logged")
+
+
+class S3Config(_Section):
+    """For S3-compatible stores (MinIO, Ceph); default: AWS_ENDPOINT_URL_S3 / AWS_REGION from the environment."""
+
+    endpoint_url: str | None = Field(None, description="e.g. http://minio.local:9000")
+    region: str | None = None
+
+
 class JobConfig(_Section):
     name: str = Field("demo", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     storage: Uri = "runs"
@@ -140,6 +188,8 @@ class JobConfig(_Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     score: ScoreConfig = ScoreConfig()
     tune: SweepConfig = SweepConfig()
+    ingest: IngestConfig = IngestConfig()
+    s3: S3Config = S3Config()
 
     @property
     def run_dir(self) -> str:

@@ -1,7 +1,9 @@
 """Decoding one image into the grayscale uint8 array the models take.
 
 A pixel limit is checked from the header, before any pixel is decoded, so a decompression bomb
-costs nothing. 16-bit images are scaled to 8 bits by their own range.
+costs nothing. 16-bit images are scaled to 8 bits by their own range. The format is sniffed from
+the bytes, not the file name: DICOM by its ``DICM`` preamble (decoded by medray.dicom, with its
+LUTs and windowing), everything else by Pillow (PNG, JPEG, TIFF, 8 or 16 bit, grayscale or RGB).
 """
 
 from __future__ import annotations
@@ -12,9 +14,10 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from medray import storage
+from medray.dicom import DicomError, decode_dicom, is_dicom
 
 MAX_PIXELS = 20_000 * 20_000
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", ".dicom")
 
 
 class ImageError(ValueError):
@@ -24,6 +27,8 @@ class ImageError(ValueError):
 def _open(data: bytes, uri: str, max_pixels: int) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError:
+        raise ImageError(f"{uri}: pixel count exceeds the limit (decompression bomb guard)") from None
     except (UnidentifiedImageError, OSError) as err:
         raise ImageError(f"{uri}: not a readable image ({err.__class__.__name__})") from None
     width, height = image.size
@@ -46,7 +51,15 @@ def _to_8bit(image: Image.Image) -> Image.Image:
 
 def decode(data: bytes, uri: str, size: int | None = None, channels: int = 1, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Encoded bytes → ``(H, W)`` (1 channel) or ``(H, W, 3)`` uint8, resized to ``size × size`` when given."""
-    image = _open(data, uri, max_pixels)
+    if not data:
+        raise ImageError(f"{uri}: empty file (0 bytes)")
+    if is_dicom(data):
+        try:
+            image = Image.fromarray(decode_dicom(data, uri, max_pixels))
+        except DicomError as err:
+            raise ImageError(str(err)) from None
+    else:
+        image = _open(data, uri, max_pixels)
     try:
         if size is not None and image.format == "JPEG":
             image.draft("L" if channels == 1 else "RGB", (size, size))  # let libjpeg decode at reduced scale
@@ -61,7 +74,9 @@ def decode(data: bytes, uri: str, size: int | None = None, channels: int = 1, ma
 def load(uri: str, size: int | None = None, channels: int = 1) -> np.ndarray:
     try:
         data = storage.read_bytes(uri)
-    except (OSError, FileNotFoundError) as err:
+    except FileNotFoundError:
+        raise ImageError(f"{uri}: image file not found") from None
+    except OSError as err:
         raise ImageError(f"{uri}: cannot be read ({err.__class__.__name__})") from None
     return decode(data, uri, size, channels)
 

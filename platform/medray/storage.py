@@ -2,7 +2,9 @@
 
 S3-compatible on-premise stores (MinIO, Ceph) are reached through the AWS SDKs' own standard
 variables ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``, so boto3, pyarrow and Ray all agree on
-the endpoint without a medray-specific switch.
+the endpoint. The config's ``s3.endpoint_url`` / ``s3.region`` (``configure_s3``) set those same
+variables in the driver before Ray starts, so local Ray workers inherit them; on a remote cluster,
+put them in the job's runtime environment (``env_vars``) as well.
 """
 
 from __future__ import annotations
@@ -37,6 +39,15 @@ def parent(uri: str) -> str:
 
 def s3_endpoint() -> str | None:
     return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+
+def configure_s3(endpoint_url: str | None = None, region: str | None = None) -> None:
+    """Point every S3 client (pyarrow here, boto3, Ray's readers) at an S3-compatible store.
+    Given values override the environment; ``None`` leaves it as it is."""
+    if endpoint_url:
+        os.environ["AWS_ENDPOINT_URL_S3"] = endpoint_url
+    if region:
+        os.environ["AWS_REGION"] = region
 
 
 @functools.lru_cache(maxsize=8)
@@ -100,3 +111,7 @@ def list_files(uri: str, extensions: tuple[str, ...] | None = None) -> list[str]
         for info in infos
         if info.type == pafs.FileType.File and (exts is None or info.path.lower().endswith(exts))
     )
+
+
+def basename(uri: str) -> str:
+    return posixpath.basename(str(uri).rstrip("/"))

@@ -4,22 +4,20 @@ The published CSV has bracketed two-field headers (``OriginalImage[Width,Height]
 comma; only the named columns are used, so both quirks are harmless. Images are found anywhere
 under the CSV's folder (the release spreads them over ``images_001/images/`` … ``images_012/``).
 Rows whose image is missing or unreadable, or whose findings are not NIH labels, are quarantined.
+When the release's ``train_val_list.txt`` / ``test_list.txt`` sit next to the CSV, the official split
+is kept as the ``split`` column, with val carved out of train_val by whole patients.
 """
 
 from __future__ import annotations
 
 import io
 import logging
-import posixpath
-from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
 from medray import storage
-from medray.data import check_images
-from medray.images import IMAGE_EXTENSIONS
-from medray.manifest import Manifest, write_manifest, write_quarantine
+from medray.datasets.ingest import FileIndex, IngestResult, Options, Rejects, finish
 
 log = logging.getLogger(__name__)
 
@@ -30,14 +28,6 @@ NIH_LABELS = (
 NO_FINDING = "No Finding"
 COLUMNS = {"Image Index": "name", "Finding Labels": "findings", "Patient ID": "patient_id", "Follow-up #": "follow_up"}
 OPTIONAL = {"Patient Age": "age", "Patient Gender": "sex", "Patient Sex": "sex", "View Position": "view"}
-
-
-@dataclass
-class IngestResult:
-    manifest: str
-    quarantine: str
-    images: int
-    quarantined: int
 
 
 def _age(value) -> float:
@@ -56,31 +46,61 @@ def read_entries(csv_uri: str) -> pd.DataFrame:
     return frame
 
 
+def official_split(names: pd.Series, patients: pd.Series, root: str, val: float, seed: int) -> pd.Series | None:
+    """The published split, when its lists are present: test from ``test_list.txt``, val a share of
+    train_val's patients (so no patient straddles train and val), the rest train."""
+    lists = {name: storage.join(root, f"{name}_list.txt") for name in ("train_val", "test")}
+    if not all(storage.exists(uri) for uri in lists.values()):
+        return None
+    listed = {name: set(storage.read_text(uri).split()) for name, uri in lists.items()}
+    split = pd.Series(np.where(names.isin(listed["test"]), "test", None), index=names.index, dtype=object)
+    in_train_val = names.isin(listed["train_val"]) & split.isna()
+    pool = np.array(sorted(set(patients[in_train_val])))
+    rng = np.random.default_rng(seed)
+    chosen = set(rng.choice(pool, size=round(val * len(pool)), replace=False)) if len(pool) else set()
+    split[in_train_val] = np.where(patients[in_train_val].isin(chosen), "val", "train")
+    unlisted = int(split.isna().sum())
+    if unlisted:
+        log.warning(
+            "%d images are in neither train_val_list.txt nor test_list.txt: their split is left empty", unlisted
+        )
+    return split
+
+
 def ingest_nih(
-    csv_uri: str, out: str, labels: list[str] | None = None, check: bool = True
+    csv_uri: str,
+    out: str,
+    labels: list[str] | None = None,
+    check: bool = True,
+    options: Options | None = None,
+    val: float = 0.1,
+    seed: int = 0,
 ) -> IngestResult:
     """Write ``out`` (the manifest) and ``<out>.quarantine.parquet`` (rows that could not be used)."""
+    options = options or Options(check=check)
     labels = list(labels or NIH_LABELS)
     unknown = [label for label in labels if label not in NIH_LABELS]
     if unknown:
         raise ValueError(f"labels {unknown} are not NIH ChestX-ray14 labels; known: {list(NIH_LABELS)}")
     entries = read_entries(csv_uri)
     root = storage.parent(csv_uri)
-    found = {posixpath.basename(uri): uri for uri in storage.list_files(root, IMAGE_EXTENSIONS)}
+    index = FileIndex(root)
 
-    rows, quarantine = [], []
+    rows, rejects = [], Rejects()
     for entry in entries.itertuples(index=False):
         tokens = {t.strip() for t in str(entry.findings).split("|")} - {NO_FINDING, ""}
-        uri = found.get(entry.name)
+        uri = index.by_basename(entry.name)
         if uri is None:
-            quarantine.append({"image": storage.join(root, entry.name), "reason": "image file not found"})
+            rejects.add(storage.join(root, str(entry.name)), "image file not found")
         elif tokens - set(NIH_LABELS):
-            quarantine.append({"image": uri, "reason": f"unknown finding label(s) {sorted(tokens - set(NIH_LABELS))}"})
+            rejects.add(uri, f"unknown finding label(s) {sorted(tokens - set(NIH_LABELS))}")
         else:
+            patient = "" if pd.isna(entry.patient_id) else str(entry.patient_id).strip()
             row = {
                 "image": uri,
-                "patient_id": str(entry.patient_id).strip(),
-                "study_id": f"{entry.patient_id}_{entry.follow_up}",
+                "patient_id": patient,
+                "study_id": f"{patient}_{entry.follow_up}" if patient else "",
+                "name": entry.name,
                 **{label: float(label in tokens) for label in labels},
             }
             for key in ("sex", "view"):
@@ -91,18 +111,9 @@ def ingest_nih(
             rows.append(row)
 
     frame = pd.DataFrame(rows)
-    if check and len(frame):
-        unreadable = check_images(frame["image"].tolist())
-        quarantine += [{"image": uri, "reason": reason} for uri, reason in unreadable.items()]
-        frame = frame[~frame["image"].isin(unreadable)].reset_index(drop=True)
-    if frame.empty:
-        raise ValueError(f"{csv_uri}: no usable rows ({len(quarantine)} quarantined)")
-
-    quarantine_uri = out.removesuffix(".parquet") + ".quarantine.parquet"
-    write_manifest(Manifest(frame, labels), out)
-    write_quarantine(quarantine, quarantine_uri)
-    never = [label for label in labels if not (frame[label] == 1).any()]
-    if never:
-        log.warning("labels with no positive image: %s", never)
-    log.info("ingested %d images of %d patients; %d quarantined", len(frame), frame["patient_id"].nunique(), len(quarantine))
-    return IngestResult(out, quarantine_uri, len(frame), len(quarantine))
+    if len(frame):
+        split = official_split(frame["name"], frame["patient_id"], root, val, seed)
+        if split is not None:
+            frame["split"] = split
+        frame = frame.drop(columns="name")
+    return finish(frame, rejects, labels, "multi-label", out, len(entries), options, csv_uri)
