@@ -75,3 +75,18 @@ def test_attaching_consensus_to_a_manifest_joins_on_the_file_name():
 def test_votes_other_than_zero_and_one_are_refused_naming_the_column():
     with pytest.raises(ValueError, match="'Mass'"):
         consensus(votes([("a.png", "R1", 2, 0)]), ["Mass"])
+
+
+def test_medray_consensus_writes_the_manifest_with_agreement_columns(tmp_path, capsys):
+    from medray.cli import main
+    from medray.manifest import read_manifest, write_manifest
+
+    frame = pd.DataFrame({"image": ["/x/a.png", "/x/b.png"], "patient_id": ["1", "2"], "Mass": [0.0, 0.0], "Nodule": [0.0, 0.0]})
+    write_manifest(Manifest(frame, ["Mass", "Nodule"]), str(tmp_path / "m.parquet"))
+    FOUR_RATERS.to_csv(tmp_path / "votes.csv", index=False)
+    main(["consensus", str(tmp_path / "votes.csv"), str(tmp_path / "m.parquet"), str(tmp_path / "out.parquet"), "--tie", "positive"])
+    out = read_manifest(str(tmp_path / "out.parquet"))
+    assert out.frame["Mass"].tolist() == [1.0, 1.0] and out.frame["Nodule"].tolist() == [1.0, 0.0]
+    assert out.frame["agreement_Nodule"].tolist() == ["tie", "unanimous"]
+    printed = capsys.readouterr().out
+    assert "fleiss_kappa" in printed and "cohen mean" in printed
