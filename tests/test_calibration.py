@@ -5,7 +5,6 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from medray import checkpoint
 from medray.calibration import (
     calibrate,

@@ -4,11 +4,11 @@ section present when Chromium renders the HTML; `medray explain` and `medray com
 import json
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-
 from medray.cli import main
 from medray.compare import compare
 from medray.config import build_config
@@ -42,16 +42,16 @@ def evaluated(tmp_path_factory, split_manifest_path, demo_dir, ray_session):
 
 def test_metrics_json_holds_each_label_with_patient_intervals_prevalence_and_calibration(evaluated):
     config, evaluation = evaluated
-    metrics = json.loads(open(evaluation.paths["metrics.json"]).read())
+    metrics = json.loads(Path(evaluation.paths["metrics.json"]).read_text())
     labels = read_manifest(config.manifest).labels
     assert set(metrics["labels"]) == set(labels) and metrics["bootstrap_resamples"] == 200
-    for label, row in metrics["labels"].items():
+    for row in metrics["labels"].values():
         assert 0 <= row["prevalence"] <= 1
         if row["auroc"] is not None:
             assert row["auroc_lo"] <= row["auroc"] <= row["auroc_hi"]
     mass = metrics["labels"]["Mass"]
     assert mass["deployment_prevalence"] == 0.02 and mass["deployment_ppv"] is not None
-    temperature = json.loads(open(metrics["calibration"]["file"]).read())["temperature"]
+    temperature = json.loads(Path(metrics["calibration"]["file"]).read_text())["temperature"]
     assert len(temperature) == len(labels) and all(t > 0 for t in temperature)
     assert metrics["audit"]["passed"] is False
     assert set(metrics["agreement"]) == set(labels)
@@ -106,4 +106,4 @@ def test_comparing_a_checkpoint_with_itself_finds_no_difference(evaluated, tmp_p
     table, paths = compare(config, config.run_dir, config.run_dir, str(tmp_path))
     known = table.dropna(subset=["auroc_a"])
     assert len(known) and (known["difference"].abs() < 1e-12).all() and (known["p_value"] == 1.0).all()
-    assert "DeLong" in open(paths["compare.md"]).read()
+    assert "DeLong" in Path(paths["compare.md"]).read_text()

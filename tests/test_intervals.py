@@ -2,8 +2,6 @@
 
 import numpy as np
 import pytest
-from sklearn.metrics import average_precision_score, roc_auc_score
-
 from medray.intervals import (
     bootstrap_intervals,
     delong,
@@ -13,6 +11,7 @@ from medray.intervals import (
     weighted_auroc,
     weighted_average_precision,
 )
+from sklearn.metrics import average_precision_score, roc_auc_score
 
 
 def test_all_images_of_a_resampled_patient_move_together():

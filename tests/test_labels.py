@@ -3,10 +3,16 @@
 import numpy as np
 import pandas as pd
 import pytest
-from sklearn.metrics import cohen_kappa_score
-
-from medray.labels import agreement_summary, attach, cohen_pairs, consensus, fleiss_kappa, fleiss_from_votes
+from medray.labels import (
+    agreement_summary,
+    attach,
+    cohen_pairs,
+    consensus,
+    fleiss_from_votes,
+    fleiss_kappa,
+)
 from medray.manifest import Manifest
+from sklearn.metrics import cohen_kappa_score
 
 
 def votes(rows):

@@ -2,8 +2,6 @@
 
 import numpy as np
 import pytest
-from sklearn.metrics import average_precision_score, cohen_kappa_score, roc_auc_score
-
 from medray.metrics import (
     at_threshold,
     auprc,
@@ -13,6 +11,7 @@ from medray.metrics import (
     predictive_values,
     single_label_summary,
 )
+from sklearn.metrics import average_precision_score, cohen_kappa_score, roc_auc_score
 
 Y = np.array([0, 0, 0, 0, 1, 1, 1, 0, 1, 1])
 P = np.array([0.1, 0.2, 0.3, 0.6, 0.4, 0.7, 0.8, 0.35, 0.9, 0.55])
@@ -89,3 +88,14 @@ def test_ordinal_summary_gives_accuracy_macro_auroc_and_quadratic_weighted_kappa
     macro = np.mean([roc_auc_score(onehot[:, k], probs[:, k]) for k in range(3)])
     assert summary["macro_auroc"] == pytest.approx(macro)
     assert "quadratic_weighted_kappa" not in single_label_summary("multi-class", onehot, probs)
+
+
+def test_evaluation_settings_are_validated_naming_the_field():
+    from medray.config import ConfigError, build_config
+
+    config = build_config({"evaluate": {"threshold": "sensitivity", "threshold_target": 0.95, "deployment_prevalence": {"Mass": 0.02}}})
+    assert config.evaluate.threshold == "sensitivity" and config.evaluate.bootstrap == 1000
+    with pytest.raises(ConfigError, match="evaluate.*deployment_prevalence.*between 0 and 1"):
+        build_config({"evaluate": {"deployment_prevalence": {"Mass": 2}}})
+    with pytest.raises(ConfigError, match="evaluate.threshold"):
+        build_config({"evaluate": {"threshold": "accuracy"}})
