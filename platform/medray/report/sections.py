@@ -104,12 +104,24 @@ def _model_card(config, manifest, result, checkpoint_uri: str, split_summary: pd
     flagged = result.subgroups[result.subgroups["below_overall"]] if len(result.subgroups) else result.subgroups
     small = result.subgroups[result.subgroups["small"]] if len(result.subgroups) else result.subgroups
     enriched = [lab for lab in labels if table.loc[lab, "prevalence"] > 2 * split_summary.loc["train", f"{lab} prevalence"]] if row is not None else []
+    deployment = table["deployment_prevalence"].dropna()
+    at_deployment = ", ".join(f"{k} {table.loc[k, 'deployment_ppv']:.3f} at {v:.1%}" for k, v in deployment.items())
+    prevalence_note = (
+        f"PPV at deployment prevalence (Bayes' rule): {at_deployment}; "
+        "the test PPV holds only at the test prevalence." if len(deployment) else
+        "PPV and NPV hold only at the test prevalence shown; set evaluate.deployment_prevalence for a deployment."
+    )
+    before = result.calibration["ece_before"].mean()
+    after = result.calibration["ece_after"].mean() if "ece_after" in result.calibration else None
+    calibration_note = f"Calibration: mean test ECE {before:.3f} before temperature scaling" + (
+        "." if after is None else f", {after:.3f} after"
+        + ("." if after <= before else ": the temperatures fitted on val did not carry over to test (a small val "
+           "split, or a label val separates perfectly), so check the reliability diagrams before relying on them."))
     limitations = [
-        f"Test prevalence differs from deployment: {', '.join(enriched)} enriched in the test split, so its PPV "
-        "overstates what a clinic will see; use the deployment PPV/NPV where given." if enriched else
-        "PPV and NPV hold only at the test prevalence shown; set evaluate.deployment_prevalence for a deployment.",
-        f"Calibration: mean test ECE {result.calibration['ece_before'].mean():.3f} before temperature scaling"
-        + (f", {result.calibration['ece_after'].mean():.3f} after." if "ece_after" in result.calibration else "."),
+        f"Test prevalence differs from training: {', '.join(enriched)} enriched in the test split, so its PPV "
+        "overstates what a clinic will see." if enriched else "No label's test prevalence is more than twice its training prevalence.",
+        prevalence_note,
+        calibration_note,
         "Grad-CAM maps show what raised a logit, not a clinical rationale.",
         "No external (other-site) test set: performance at another hospital is unknown."
         if "site" not in manifest.frame else "Sites: see the subgroup table.",
