@@ -7,6 +7,7 @@ and write the resolved config next to their outputs.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import os
@@ -146,6 +147,26 @@ def main(argv: list[str] | None = None) -> None:
     split.add_argument("--label", help="label whose positives val and test are enriched with")
     split.add_argument("--seed", type=int, default=0)
 
+    consensus = verbs.add_parser("consensus", help="rater votes → consensus labels + agreement columns on a manifest")
+    consensus.add_argument("votes", help="CSV with one row per (image, rater) and a 0/1 column per label")
+    consensus.add_argument("manifest")
+    consensus.add_argument("out", help="manifest to write (may be the same file)")
+    consensus.add_argument("--image-column", default="Image Index")
+    consensus.add_argument("--rater-column", default="Rater")
+    consensus.add_argument("--tie", default="unknown", choices=["unknown", "positive", "negative"])
+    consensus.add_argument("--keep-labels", action="store_true", help="add agreement only; keep the manifest's labels")
+
+    explain = verbs.add_parser("explain", help="Grad-CAM overlays for any images")
+    explain.add_argument("checkpoint", help="checkpoint directory, or a run directory (its best checkpoint)")
+    explain.add_argument("images", nargs="+")
+    explain.add_argument("--out", default="gradcam", help="folder or s3:// prefix for the PNGs")
+    explain.add_argument("--labels", help="comma-separated labels (default: all)")
+
+    compare = verbs.add_parser("compare", help="two checkpoints on the same test split: DeLong + paired bootstrap")
+    compare.add_argument("a", help="checkpoint directory or run directory")
+    compare.add_argument("b", help="checkpoint directory or run directory")
+    _job_arguments(compare)
+
     for verb in JOBS:
         _job_arguments(verbs.add_parser(verb, help=f"run the {verb} job"))
 
@@ -153,6 +174,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.verb in JOBS:
         return _run(args.verb, args)
     _setup_logging()
+    if args.verb in EXTRA_VERBS:
+        return EXTRA_VERBS[args.verb](args)
     if args.verb == "demo-data":
         from medray.demo_data import generate
 
@@ -167,6 +190,50 @@ def main(argv: list[str] | None = None) -> None:
         frame = split_by_patient(manifest, args.val, args.test, args.min_positive, args.label, args.seed, args.train_keeps_positive)
         write_manifest(Manifest(frame, manifest.labels, manifest.task), storage.absolute(args.out))
         print(summary(frame, manifest.labels).round(3).to_string())
+
+
+def _consensus(args: argparse.Namespace) -> None:
+    import pandas as pd
+
+    from medray.labels import agreement_summary, attach, cohen_pairs
+    from medray.manifest import read_manifest, write_manifest
+
+    votes = pd.read_csv(io.BytesIO(storage.read_bytes(storage.absolute(args.votes))))
+    manifest = read_manifest(storage.absolute(args.manifest))
+    named = [label for label in manifest.labels if label in votes]
+    result = attach(manifest, votes, args.image_column, args.rater_column, args.tie, not args.keep_labels)
+    write_manifest(result, storage.absolute(args.out))
+    print(agreement_summary(result.frame, named).round(3).to_string())
+    pairs = cohen_pairs(votes, named, args.image_column, args.rater_column)
+    print(pairs.groupby("label")["cohen_kappa"].agg(["mean", "min", "max"]).round(3).rename(columns=lambda c: f"cohen {c}").to_string())
+    print(f"→ {args.out}")
+
+
+def _explain(args: argparse.Namespace) -> None:
+    from medray.checkpoint import META_FILE, resolve
+    from medray.explain import write_overlays
+
+    uri = storage.absolute(args.checkpoint)
+    uri = uri if storage.exists(storage.join(uri, META_FILE)) else resolve(None, uri)
+    labels = args.labels.split(",") if args.labels else None
+    for path in write_overlays(uri, [storage.absolute(i) for i in args.images], storage.absolute(args.out), labels):
+        print(path)
+
+
+def _compare(args: argparse.Namespace) -> None:
+    from medray.compare import compare
+
+    try:
+        config = load_config(args.config, args.set)
+    except ConfigError as err:
+        sys.exit(f"medray compare: {err}")
+    init_ray()
+    table, paths = compare(config, storage.absolute(args.a), storage.absolute(args.b))
+    print(table[["auroc_a", "auroc_b", "difference", "p_value", "difference_lo", "difference_hi"]].round(4).to_string())
+    print(f"→ {paths['compare.md']}")
+
+
+EXTRA_VERBS = {"consensus": _consensus, "explain": _explain, "compare": _compare}
 
 
 if __name__ == "__main__":

@@ -120,6 +120,31 @@ class TrainConfig(_Section):
 class EvaluateConfig(_Section):
     checkpoint: Uri | None = Field(None, description="default: the best checkpoint of this run")
     batch_size: int = Field(64, ge=1)
+    threshold: Literal["youden", "sensitivity", "specificity"] = Field(
+        "youden", description="how the operating threshold is chosen on val: Youden's J or a target"
+    )
+    threshold_target: float = Field(0.9, gt=0, lt=1, description="the target sensitivity or specificity")
+    bootstrap: int = Field(1000, ge=20, description="patient resamples for the 95 % intervals")
+    seed: int = 0
+    deployment_prevalence: dict[str, float] = Field(
+        default_factory=dict, description="per label: the prevalence where the model will be used, for PPV/NPV"
+    )
+    calibration_bins: int = Field(10, ge=2, le=100)
+    temperature_scaling: bool = Field(True, description="fit temperatures on val, write calibration.json to the checkpoint")
+    subgroup_min_cases: int = Field(10, ge=1, description="subgroups with fewer positives or negatives are marked small")
+    gallery: int = Field(3, ge=0, description="top false positives and false negatives per label, with Grad-CAM")
+    intended_use: str = Field(
+        "Research and development only: a second reader's aid for the listed findings on frontal chest radiographs "
+        "of adults, not a diagnostic device.",
+        description="the model card's intended-use statement",
+    )
+
+    @model_validator(mode="after")
+    def _prevalence_is_a_share(self):
+        bad = {k: v for k, v in self.deployment_prevalence.items() if not 0 < v < 1}
+        if bad:
+            raise ValueError(f"deployment_prevalence must lie strictly between 0 and 1, got {bad}")
+        return self
 
 
 class ScoreConfig(_Section):

@@ -1,30 +1,48 @@
 """Per-label classification metrics, built on scikit-learn.
 
-Thresholds are chosen on the validation split (Youden's J) and then applied, unchanged, to the
-test split — choosing them on test would flatter the reported sensitivity and specificity.
+Thresholds are chosen on the validation split (Youden's J, or the threshold reaching a target
+sensitivity or specificity) and then applied, unchanged, to the test split — choosing them on test
+would flatter the reported sensitivity and specificity.
+
+PPV and NPV depend on prevalence, and a test split enriched with positives shows a PPV no clinic
+will see. ``predictive_values`` recomputes them with Bayes' rule for a deployment prevalence.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import roc_auc_score, roc_curve
+from sklearn.metrics import (
+    average_precision_score,
+    cohen_kappa_score,
+    roc_auc_score,
+    roc_curve,
+)
+
+THRESHOLD_RULES = ("youden", "sensitivity", "specificity")
 
 
 def _known(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    y, p = np.asarray(y, float), np.asarray(p, float)
     keep = ~np.isnan(y) & ~np.isnan(p)
     return y[keep].astype(int), p[keep]
 
 
 def auroc(y: np.ndarray, p: np.ndarray) -> float:
     """AUROC over known labels; NaN when only one class is present."""
-    y, p = _known(np.asarray(y, float), np.asarray(p, float))
+    y, p = _known(y, p)
     return float(roc_auc_score(y, p)) if len(np.unique(y)) == 2 else float("nan")
+
+
+def auprc(y: np.ndarray, p: np.ndarray) -> float:
+    """Average precision (area under the precision-recall curve); NaN without positives."""
+    y, p = _known(y, p)
+    return float(average_precision_score(y, p)) if len(np.unique(y)) == 2 else float("nan")
 
 
 def sensitivity_at_specificity(y: np.ndarray, p: np.ndarray, specificity: float = 0.9) -> float:
     """The best sensitivity among thresholds whose specificity is at least ``specificity``."""
-    y, p = _known(np.asarray(y, float), np.asarray(p, float))
+    y, p = _known(y, p)
     if len(np.unique(y)) < 2:
         return float("nan")
     fpr, tpr, _ = roc_curve(y, p)
@@ -36,50 +54,112 @@ def auroc_per_label(targets: np.ndarray, probs: np.ndarray, labels: list[str]) -
 
 
 def youden_threshold(y: np.ndarray, p: np.ndarray) -> float:
-    y, p = _known(np.asarray(y, float), np.asarray(p, float))
+    return choose_threshold(y, p, "youden")
+
+
+def choose_threshold(y: np.ndarray, p: np.ndarray, rule: str = "youden", target: float = 0.9) -> float:
+    """The operating threshold (predict positive when ``p >= threshold``) chosen on ``(y, p)``.
+
+    - ``youden``: maximises sensitivity + specificity − 1;
+    - ``sensitivity``: the highest threshold whose sensitivity is at least ``target``;
+    - ``specificity``: the lowest threshold whose specificity is at least ``target``.
+
+    0.5 when ``y`` holds a single class (nothing to choose from).
+    """
+    if rule not in THRESHOLD_RULES:
+        raise ValueError(f"unknown threshold rule {rule!r}; known: {', '.join(THRESHOLD_RULES)}")
+    y, p = _known(y, p)
     if len(np.unique(y)) < 2:
         return 0.5
-    fpr, tpr, thresholds = roc_curve(y, p)
-    best = int(np.argmax(tpr - fpr))
+    fpr, tpr, thresholds = roc_curve(y, p, drop_intermediate=False)
+    if rule == "youden":
+        best = int(np.argmax(tpr - fpr))
+    elif rule == "sensitivity":
+        best = int(np.argmax(tpr >= target))  # thresholds fall as tpr rises: the first is the highest
+    else:
+        best = int(np.nonzero(1 - fpr >= target)[0][-1])
     return float(min(thresholds[best], 1.0))
 
 
+def _ratio(a: float, b: float) -> float:
+    return a / b if b else float("nan")
+
+
 def at_threshold(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, float]:
-    y, p = _known(np.asarray(y, float), np.asarray(p, float))
+    """Confusion counts and the metrics derived from them, predicting positive when ``p >= threshold``."""
+    y, p = _known(y, p)
     predicted = p >= threshold
     tp, fn = int((predicted & (y == 1)).sum()), int((~predicted & (y == 1)).sum())
     tn, fp = int((~predicted & (y == 0)).sum()), int((predicted & (y == 0)).sum())
-
-    def ratio(a: int, b: int) -> float:
-        return a / b if b else float("nan")
-
     return {
-        "sensitivity": ratio(tp, tp + fn),
-        "specificity": ratio(tn, tn + fp),
-        "ppv": ratio(tp, tp + fp),
-        "npv": ratio(tn, tn + fn),
+        "sensitivity": _ratio(tp, tp + fn),
+        "specificity": _ratio(tn, tn + fp),
+        "ppv": _ratio(tp, tp + fp),
+        "npv": _ratio(tn, tn + fn),
+        "f1": _ratio(2 * tp, 2 * tp + fp + fn),
         "tp": tp, "fp": fp, "tn": tn, "fn": fn,
     }  # fmt: skip
 
 
+def predictive_values(sensitivity: float, specificity: float, prevalence: float) -> tuple[float, float]:
+    """PPV and NPV at ``prevalence`` by Bayes' rule — what a test with this sensitivity and
+    specificity would show where the finding has that prevalence."""
+    se, sp, pi = sensitivity, specificity, prevalence
+    return _ratio(se * pi, se * pi + (1 - sp) * (1 - pi)), _ratio(sp * (1 - pi), sp * (1 - pi) + (1 - se) * pi)
+
+
 def label_table(
-    labels: list[str], val_y: np.ndarray, val_p: np.ndarray, test_y: np.ndarray, test_p: np.ndarray
+    labels: list[str],
+    val_y: np.ndarray,
+    val_p: np.ndarray,
+    test_y: np.ndarray,
+    test_p: np.ndarray,
+    rule: str = "youden",
+    target: float = 0.9,
+    deployment_prevalence: dict[str, float] | None = None,
 ) -> pd.DataFrame:
-    """One row per label: test AUROC, and the metrics at the threshold chosen on val."""
+    """One row per label: the test split's prevalence, AUROC, AUPRC, and the metrics at the threshold
+    chosen on val; plus PPV/NPV at the deployment prevalence where one is given for the label."""
+    deployment_prevalence = deployment_prevalence or {}
     rows = []
     for i, label in enumerate(labels):
         y, p = test_y[:, i], test_p[:, i]
         known = ~np.isnan(y)
-        threshold = youden_threshold(val_y[:, i], val_p[:, i])
-        rows.append(
-            {
-                "label": label,
-                "n": int(known.sum()),
-                "positives": int(np.nansum(y)),
-                "prevalence": float(np.nanmean(y)) if known.any() else float("nan"),
-                "auroc": auroc(y, p),
-                "threshold": threshold,
-                **at_threshold(y, p, threshold),
-            }
+        threshold = choose_threshold(val_y[:, i], val_p[:, i], rule, target)
+        row = {
+            "label": label,
+            "n": int(known.sum()),
+            "positives": int(np.nansum(y)),
+            "prevalence": float(np.nanmean(y)) if known.any() else float("nan"),
+            "auroc": auroc(y, p),
+            "auprc": auprc(y, p),
+            "threshold": threshold,
+            **at_threshold(y, p, threshold),
+        }
+        prevalence = deployment_prevalence.get(label, float("nan"))
+        row["deployment_prevalence"] = prevalence
+        row["deployment_ppv"], row["deployment_npv"] = (
+            predictive_values(row["sensitivity"], row["specificity"], prevalence)
+            if not np.isnan(prevalence)
+            else (float("nan"), float("nan"))
         )
+        rows.append(row)
     return pd.DataFrame(rows).set_index("label")
+
+
+def single_label_summary(task: str, targets: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+    """Multi-class and ordinal tasks (one-hot ``targets``): accuracy of the most probable class,
+    macro one-vs-rest AUROC and, for ordinal grades, the quadratic weighted kappa."""
+    known = ~np.isnan(targets).any(axis=1) & ~np.isnan(probs).any(axis=1)
+    truth, predicted = targets[known].argmax(axis=1), probs[known].argmax(axis=1)
+    aurocs = [auroc(targets[known, k], probs[known, k]) for k in range(targets.shape[1])]
+    summary = {
+        "images": int(known.sum()),
+        "accuracy": float((truth == predicted).mean()) if known.any() else float("nan"),
+        "macro_auroc": float(np.nanmean(aurocs)) if not np.isnan(aurocs).all() else float("nan"),
+    }
+    if task == "ordinal":
+        # The expected grade, rounded, respects the order better than the single most probable grade.
+        expected = np.rint(probs[known] @ np.arange(targets.shape[1])).astype(int)
+        summary["quadratic_weighted_kappa"] = float(cohen_kappa_score(truth, expected, weights="quadratic"))
+    return summary

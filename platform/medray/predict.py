@@ -12,18 +12,22 @@ import ray
 import torch
 
 from medray import checkpoint, images
+from medray.calibration import load_temperature
 from medray.losses import probabilities
 from medray.models import to_input
 
 
 class Predictor:
-    def __init__(self, checkpoint_uri: str):
+    def __init__(self, checkpoint_uri: str, calibrated: bool = True):
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         model, self.meta = checkpoint.load_model(checkpoint_uri)
         if self.device.type == "cuda":
             model = model.to(self.device, memory_format=torch.channels_last)
         self.model = model
         self.labels, self.size, self.channels = self.meta["labels"], self.meta["image_size"], self.meta["in_channels"]
+        # The checkpoint's calibration.json (see medray.calibration); evaluation reads raw outputs to fit it.
+        temperature = load_temperature(checkpoint_uri) if calibrated else None
+        self.temperature = None if temperature is None else torch.tensor(temperature, device=self.device)
 
     def __call__(self, batch: dict) -> dict:
         n = len(batch["image"])
@@ -40,7 +44,10 @@ class Predictor:
         if ok.any():
             x = to_input(torch.from_numpy(pixels[ok]), self.device)
             with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-                probs[ok] = probabilities(self.meta["task"], self.model(x)).cpu().numpy()
+                logits = self.model(x)
+                if self.temperature is not None:
+                    logits = logits.float() / self.temperature
+                probs[ok] = probabilities(self.meta["task"], logits).cpu().numpy()
         out = dict(batch)
         out.update({f"prob_{label}": probs[:, j] for j, label in enumerate(self.labels)})
         out["error"] = errors
@@ -48,12 +55,13 @@ class Predictor:
         return out
 
 
-def predict(ds: ray.data.Dataset, checkpoint_uri: str, batch_size: int = 64, actors: int = 1) -> ray.data.Dataset:
-    """``ds`` must have an ``image`` column of URIs; other columns pass through."""
+def predict(ds: ray.data.Dataset, checkpoint_uri: str, batch_size: int = 64, actors: int = 1, calibrated: bool = True) -> ray.data.Dataset:
+    """``ds`` must have an ``image`` column of URIs; other columns pass through. ``calibrated``: apply the
+    checkpoint's temperatures where it has them."""
     use_gpu = bool(ray.cluster_resources().get("GPU", 0))
     return ds.map_batches(
         Predictor,
-        fn_constructor_kwargs={"checkpoint_uri": checkpoint_uri},
+        fn_constructor_kwargs={"checkpoint_uri": checkpoint_uri, "calibrated": calibrated},
         batch_size=batch_size,
         compute=ray.data.ActorPoolStrategy(size=actors),
         num_gpus=1 if use_gpu else 0,

@@ -1,0 +1,109 @@
+"""The evaluation report on a real trained run: consensus votes attached, a leakage audit result, every
+section present when Chromium renders the HTML; `medray explain` and `medray compare` on the same run."""
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from medray.cli import main
+from medray.compare import compare
+from medray.config import build_config
+from medray.evaluate import evaluate
+from medray.labels import attach
+from medray.manifest import read_manifest, write_manifest
+from medray.train import train
+
+SECTIONS = ("summary", "data", "audit", "ground-truth", "metrics", "curves", "calibration", "subgroups", "errors", "model-card")
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory, split_manifest_path, demo_dir, ray_session):
+    root = tmp_path_factory.mktemp("report")
+    votes = pd.read_csv(demo_dir / "rater_votes.csv")
+    manifest_path = write_manifest(attach(read_manifest(split_manifest_path), votes, replace_labels=False), str(root / "voted.parquet"))
+    config = build_config({
+        "name": "report", "storage": str(root),
+        "data": {"manifest": manifest_path, "image_size": 32},
+        "train": {"epochs": 1, "workers": 1, "batch_size": 16},
+        "evaluate": {"bootstrap": 200, "gallery": 1, "deployment_prevalence": {"Mass": 0.02}},
+    })  # fmt: skip
+    train(config)
+    audit_dir = root / "report" / "audit"
+    audit_dir.mkdir(parents=True)
+    audit = {"passed": False, "checks": [{"name": "patient overlap", "passed": False, "count": 2, "detail": "2 patients in two splits"}],
+             "near_duplicates": [{"a": "x.png", "b": "y.png", "split_a": "train", "split_b": "test", "distance": 2}], "thumbnails": None}  # fmt: skip
+    (audit_dir / "audit.json").write_text(json.dumps(audit))
+    return config, evaluate(config)
+
+
+def test_metrics_json_holds_each_label_with_patient_intervals_prevalence_and_calibration(evaluated):
+    config, evaluation = evaluated
+    metrics = json.loads(Path(evaluation.paths["metrics.json"]).read_text())
+    labels = read_manifest(config.manifest).labels
+    assert set(metrics["labels"]) == set(labels) and metrics["bootstrap_resamples"] == 200
+    for row in metrics["labels"].values():
+        assert 0 <= row["prevalence"] <= 1
+        if row["auroc"] is not None:
+            assert row["auroc_lo"] <= row["auroc"] <= row["auroc_hi"]
+    mass = metrics["labels"]["Mass"]
+    assert mass["deployment_prevalence"] == 0.02 and mass["deployment_ppv"] is not None
+    temperature = json.loads(Path(metrics["calibration"]["file"]).read_text())["temperature"]
+    assert len(temperature) == len(labels) and all(t > 0 for t in temperature)
+    assert metrics["audit"]["passed"] is False
+    assert set(metrics["agreement"]) == set(labels)
+    assert {"sex", "age band", "view"} <= {row["dimension"] for row in metrics["subgroups"]}
+    assert {row["cases"] for row in metrics["unanimous"]} == {"all", "unanimous"}
+
+
+def test_subgroup_rows_show_sizes_and_mark_small_groups(evaluated):
+    _, evaluation = evaluated
+    table = evaluation.subgroups
+    assert (table["images"] > 0).all() and (table["patients"] <= table["images"]).all()
+    small = (table["positives"] < 10) | (table["negatives"] < 10)
+    assert (table["small"] == small).all()
+    flagged = table[table["below_overall"]]
+    overall_lo = evaluation.table.loc[flagged["label"], "auroc_lo"].to_numpy()
+    assert (flagged["auroc_hi"].to_numpy() < overall_lo).all()
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="Chromium is not installed (CI installs Debian's package)")
+def test_the_html_report_renders_in_chromium_with_every_section(evaluated, tmp_path):
+    _, evaluation = evaluated
+    dom = subprocess.run(
+        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom", f"file://{evaluation.paths['report.html']}"],
+        capture_output=True, text=True, timeout=120, check=True,
+    ).stdout  # fmt: skip
+    for anchor in SECTIONS:
+        assert f'<section id="{anchor}">' in dom, f"section {anchor} missing from the rendered report"
+    for text in ("Leakage audit FAILED", "patient overlap", "Fleiss", "Intended use", "Training data", "Evaluation data",
+                 "Subgroup caveats", "Limitations", "PPV (deployment)", "after temperature scaling"):  # fmt: skip
+        assert text in dom, text
+    for figure in ("ROC curves", "Precision-recall curves", "Reliability diagrams", "Subgroup AUROC", "Error gallery"):
+        assert f'<img alt="{figure}' in dom, f"figure {figure} missing"
+    assert dom.count('src="data:image/png;base64,') == dom.count("<img"), "every figure is embedded in the page"
+
+
+def test_medray_explain_writes_a_gradcam_overlay_per_image_and_label(evaluated, demo_dir, tmp_path):
+    config, _ = evaluated
+    images = sorted((demo_dir / "images").glob("*.png"))[:2]
+    main(["explain", config.run_dir, *map(str, images), "--out", str(tmp_path), "--labels", "Mass,Effusion"])
+    written = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert written == sorted(f"{i.stem}.gradcam.{label}.png" for i in images for label in ("Mass", "Effusion"))
+    from PIL import Image
+
+    overlay = np.asarray(Image.open(tmp_path / written[0]))
+    assert overlay.shape == (32, 32, 3)
+
+
+def test_comparing_a_checkpoint_with_itself_finds_no_difference(evaluated, tmp_path):
+    config, _ = evaluated
+    table, paths = compare(config, config.run_dir, config.run_dir, str(tmp_path))
+    known = table.dropna(subset=["auroc_a"])
+    assert len(known) and (known["difference"].abs() < 1e-12).all() and (known["p_value"] == 1.0).all()
+    assert "DeLong" in Path(paths["compare.md"]).read_text()

@@ -1,0 +1,101 @@
+"""Per-label metrics: hand-computed values, scikit-learn, thresholds chosen on val, Bayes' rule for PPV/NPV."""
+
+import numpy as np
+import pytest
+from medray.metrics import (
+    at_threshold,
+    auprc,
+    auroc,
+    choose_threshold,
+    label_table,
+    predictive_values,
+    single_label_summary,
+)
+from sklearn.metrics import average_precision_score, cohen_kappa_score, roc_auc_score
+
+Y = np.array([0, 0, 0, 0, 1, 1, 1, 0, 1, 1])
+P = np.array([0.1, 0.2, 0.3, 0.6, 0.4, 0.7, 0.8, 0.35, 0.9, 0.55])
+
+
+def test_counts_and_ratios_at_a_threshold_match_a_hand_count():
+    # p >= 0.5: predicted positive are 0.6 (neg), 0.7, 0.8, 0.9, 0.55 (pos) → TP 4, FP 1, FN 1 (0.4), TN 4
+    m = at_threshold(Y, P, 0.5)
+    assert (m["tp"], m["fp"], m["fn"], m["tn"]) == (4, 1, 1, 4)
+    assert m["sensitivity"] == pytest.approx(4 / 5) and m["specificity"] == pytest.approx(4 / 5)
+    assert m["ppv"] == pytest.approx(4 / 5) and m["npv"] == pytest.approx(4 / 5)
+    assert m["f1"] == pytest.approx(2 * 4 / (2 * 4 + 1 + 1))
+
+
+def test_auroc_and_auprc_equal_scikit_learn_and_ignore_unknown_labels():
+    y = np.r_[Y, np.nan, np.nan].astype(float)
+    p = np.r_[P, 0.99, 0.01]
+    assert auroc(y, p) == pytest.approx(roc_auc_score(Y, P))
+    assert auprc(y, p) == pytest.approx(average_precision_score(Y, P))
+    # hand count: of the 25 positive-negative pairs, the positive scores higher in all but (0.4 vs 0.6),
+    # (0.4 vs 0.35 is fine), (0.55 vs 0.6) → 23 / 25
+    assert auroc(Y, P) == pytest.approx(23 / 25)
+    assert np.isnan(auroc(np.zeros(4), np.arange(4.0)))
+
+
+def test_youden_threshold_maximises_sensitivity_plus_specificity():
+    t = choose_threshold(Y, P, "youden")
+    best = max(at_threshold(Y, P, c)["sensitivity"] + at_threshold(Y, P, c)["specificity"] for c in P)
+    m = at_threshold(Y, P, t)
+    assert m["sensitivity"] + m["specificity"] == pytest.approx(best)
+
+
+def test_target_sensitivity_and_specificity_thresholds_reach_their_targets_as_tightly_as_possible():
+    t = choose_threshold(Y, P, "sensitivity", 1.0)
+    assert t == pytest.approx(0.4)  # the lowest positive's score: every positive caught, no higher threshold does
+    t = choose_threshold(Y, P, "specificity", 1.0)
+    assert t == pytest.approx(0.7)  # just above the highest negative (0.6)
+    assert at_threshold(Y, P, t)["specificity"] == 1.0
+    with pytest.raises(ValueError, match="unknown threshold rule"):
+        choose_threshold(Y, P, "accuracy")
+
+
+def test_ppv_and_npv_at_a_deployment_prevalence_follow_bayes_rule():
+    se, sp, prevalence = 0.9, 0.8, 0.02
+    ppv, npv = predictive_values(se, sp, prevalence)
+    assert ppv == pytest.approx(0.9 * 0.02 / (0.9 * 0.02 + 0.2 * 0.98))  # ≈ 0.084: most alarms are false
+    assert npv == pytest.approx(0.8 * 0.98 / (0.8 * 0.98 + 0.1 * 0.02))
+    # at the test set's own prevalence the formula gives back the observed PPV and NPV
+    m = at_threshold(Y, P, 0.5)
+    assert predictive_values(m["sensitivity"], m["specificity"], Y.mean()) == pytest.approx((m["ppv"], m["npv"]))
+
+
+def test_the_label_table_chooses_thresholds_on_val_and_reports_test_prevalence_beside_them():
+    rng = np.random.default_rng(0)
+    val_y = rng.integers(0, 2, (200, 2)).astype(float)
+    val_p = np.clip(val_y * 0.3 + rng.random((200, 2)) * 0.7, 0, 1)
+    test_y, test_p = Y[:, None].repeat(2, 1).astype(float), P[:, None].repeat(2, 1)
+    table = label_table(["A", "B"], val_y, val_p, test_y, test_p, deployment_prevalence={"A": 0.05})
+    assert table.loc["A", "threshold"] == pytest.approx(choose_threshold(val_y[:, 0], val_p[:, 0]))
+    assert table.loc["A", "prevalence"] == pytest.approx(0.5) and table.loc["A", "positives"] == 5
+    expected = predictive_values(table.loc["A", "sensitivity"], table.loc["A", "specificity"], 0.05)
+    assert (table.loc["A", "deployment_ppv"], table.loc["A", "deployment_npv"]) == pytest.approx(expected)
+    assert np.isnan(table.loc["B", "deployment_ppv"])
+
+
+def test_ordinal_summary_gives_accuracy_macro_auroc_and_quadratic_weighted_kappa():
+    grades = np.array([0, 1, 2, 2, 1, 0])
+    onehot = np.eye(3)[grades]
+    probs = np.array([[.8, .1, .1], [.2, .6, .2], [.1, .2, .7], [.1, .6, .3], [.3, .5, .2], [.6, .3, .1]])  # fmt: skip
+    summary = single_label_summary("ordinal", onehot, probs)
+    assert summary["accuracy"] == pytest.approx(5 / 6)
+    expected_grade = np.rint(probs @ np.arange(3)).astype(int)
+    assert summary["quadratic_weighted_kappa"] == pytest.approx(cohen_kappa_score(grades, expected_grade, weights="quadratic"))
+    macro = np.mean([roc_auc_score(onehot[:, k], probs[:, k]) for k in range(3)])
+    assert summary["macro_auroc"] == pytest.approx(macro)
+    assert "quadratic_weighted_kappa" not in single_label_summary("multi-class", onehot, probs)
+
+
+def test_evaluation_settings_are_validated_naming_the_field():
+    from medray.config import ConfigError, build_config
+
+    config = build_config({"evaluate": {"threshold": "sensitivity", "threshold_target": 0.95, "deployment_prevalence": {"Mass": 0.02}}})
+    assert config.evaluate.threshold == "sensitivity" and config.evaluate.bootstrap == 1000
+    with pytest.raises(ConfigError, match="evaluate.*deployment_prevalence.*between 0 and 1"):
+        build_config({"evaluate": {"deployment_prevalence": {"Mass": 2}}})
+    with pytest.raises(ConfigError, match="evaluate.threshold"):
+        build_config({"evaluate": {"threshold": "accuracy"}})
