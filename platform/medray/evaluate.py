@@ -30,6 +30,10 @@ class Evaluation:
 
 
 def evaluate(config: JobConfig) -> Evaluation:
+    if config.wsi.patches:  # whole-slide images: patch scores aggregated per slide
+        from medray.wsi.slide_eval import evaluate_slides
+
+        return evaluate_slides(config)
     checkpoint_uri = checkpoint.resolve(config.evaluate.checkpoint, config.run_dir)
     manifest = read_manifest(config.manifest)
     labels = manifest.labels

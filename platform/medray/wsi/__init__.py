@@ -6,4 +6,14 @@ from medray.wsi.manifest import read_slide_manifest
 from medray.wsi.slides import SlideError, open_slide
 from medray.wsi.tissue import detect
 
-__all__ = ["ExtractResult", "ExtractSpec", "GridSpec", "SlideError", "detect", "extract_patches", "open_slide", "patch_grid", "read_slide_manifest"]
+__all__ = [
+    "ExtractResult",
+    "ExtractSpec",
+    "GridSpec",
+    "SlideError",
+    "detect",
+    "extract_patches",
+    "open_slide",
+    "patch_grid",
+    "read_slide_manifest",
+]

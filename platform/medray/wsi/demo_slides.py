@@ -104,7 +104,9 @@ def generate(out: str, slides: int = 16, width: int = 2048, height: int = 1536, 
         if positive and rng.random() < masks:
             mask = f"slide_{i:03d}_tumour.png"
             Image.fromarray((lesion[::16, ::16] * 255).astype(np.uint8)).save(os.path.join(out, mask))
-        rows.append({"image": name, "patient_id": f"DEMO{i // 2:03d}", "slide_id": f"slide_{i:03d}", "tumour": float(positive), "mask": mask})
+        rows.append(
+            {"image": name, "patient_id": f"DEMO{i // 2:03d}", "slide_id": f"slide_{i:03d}", "tumour": float(positive), "mask": mask}
+        )
     csv = os.path.join(out, "slides.csv")
     pd.DataFrame(rows).to_csv(csv, index=False)
     return csv

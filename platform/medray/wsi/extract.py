@@ -19,7 +19,7 @@ import hashlib
 import io
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -41,7 +41,7 @@ STATUS_DONE, STATUS_EMPTY, STATUS_ERROR = "done", "no tissue found", "error"
 
 @dataclass(frozen=True)
 class ExtractSpec:
-    grid: GridSpec = GridSpec()
+    grid: GridSpec = field(default_factory=GridSpec)
     labels_from: str = "slide"  # or "annotation": the tumour label of annotated slides comes from their mask
     tumour_label: str | None = None
     tumour_threshold: float = 0.5
@@ -112,7 +112,9 @@ def plan_slide(row: dict, labels: list[str], spec: ExtractSpec, out: str | None 
         storage.write_bytes(storage.join(out, "thumbs", f"{key}.png"), png(tissue.thumbnail))
     tumour = spec.tumour_label or labels[0]
     slide_labels = {label: float(row[label]) for label in labels}
-    grid = pd.concat([grid, patch_labels(grid, slide_labels, tumour if spec.labels_from == "annotation" else None, spec.tumour_threshold)], axis=1)
+    grid = pd.concat(
+        [grid, patch_labels(grid, slide_labels, tumour if spec.labels_from == "annotation" else None, spec.tumour_threshold)], axis=1
+    )
     return grid, info
 
 
@@ -124,8 +126,12 @@ def _plan_batch(batch: dict, labels: list[str], spec: ExtractSpec, out: str) -> 
         error = STATUS_EMPTY if grid.empty else ""
     except SlideError as err:
         grid, info, error = pd.DataFrame(), {"key": slide_key(row["image"]), "grid_cells": 0}, str(err)
-    except Exception as err:  # a corrupt slide can fail anywhere in a codec; it is reported, the job goes on
-        grid, info, error = pd.DataFrame(), {"key": slide_key(row["image"]), "grid_cells": 0}, f"{row['image']}: {err.__class__.__name__}: {err}"
+    except Exception as err:  # noqa: BLE001 — a corrupt slide can fail anywhere in a codec; it is reported, the job goes on
+        grid, info, error = (
+            pd.DataFrame(),
+            {"key": slide_key(row["image"]), "grid_cells": 0},
+            f"{row['image']}: {err.__class__.__name__}: {err}",
+        )
     chunks = [grid.iloc[i : i + spec.chunk_patches] for i in range(0, len(grid), spec.chunk_patches)] or [grid]
     return {
         "image": [row["image"]] * len(chunks),
@@ -147,7 +153,7 @@ def _extract_batch(batch: dict, slide_rows: dict, labels: list[str], spec: Extra
             patches = [png(read_patch(slide, r, spec.grid.patch_size)) for r in grid.to_dict("records")]
     except SlideError as err:
         return {"image": [uri], "chunk": [chunk], "patches": [0], "error": [str(err)]}
-    except Exception as err:  # a bad tile can fail anywhere in a codec
+    except Exception as err:  # noqa: BLE001 — a bad tile can fail anywhere in a codec
         return {"image": [uri], "chunk": [chunk], "patches": [0], "error": [f"{uri}: {err.__class__.__name__}: {err}"]}
     frame = pd.DataFrame(
         {
@@ -192,8 +198,9 @@ def done_marker(out: str, uri: str) -> str:
     return storage.join(out, "done", f"{slide_key(uri)}.json")
 
 
-def extract_patches(manifest: Manifest, out: str, spec: ExtractSpec = ExtractSpec(), progress: bool = True) -> ExtractResult:
+def extract_patches(manifest: Manifest, out: str, spec: ExtractSpec | None = None, progress: bool = True) -> ExtractResult:
     """Extract the patches of every slide in ``manifest`` (one row per slide) into ``out``; resumable."""
+    spec = spec or ExtractSpec()
     labels, frame = manifest.labels, manifest.frame.reset_index(drop=True)
     if "slide_id" not in frame:
         frame["slide_id"] = [slide_key(u) for u in frame["image"]]
@@ -209,7 +216,9 @@ def extract_patches(manifest: Manifest, out: str, spec: ExtractSpec = ExtractSpe
 
     columns = ["image", "mask", *labels]
     plans = (
-        _one_row_blocks(todo[columns]).map_batches(_plan_batch, batch_size=1, fn_kwargs={"labels": labels, "spec": spec, "out": out}).to_pandas()
+        _one_row_blocks(todo[columns])
+        .map_batches(_plan_batch, batch_size=1, fn_kwargs={"labels": labels, "spec": spec, "out": out})
+        .to_pandas()
         if len(todo)
         else pd.DataFrame(columns=["image", "chunk", "chunks", "coords", "error", "info"])
     )

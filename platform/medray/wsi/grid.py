@@ -69,7 +69,7 @@ def patch_grid(
     share = _box_means(tissue, tissue_downsample, xs, ys, size) if len(xs) else np.zeros(0)
     keep = share >= spec.min_tissue
     grid = pd.DataFrame({"x": np.round(xs[keep]).astype(np.int64), "y": np.round(ys[keep]).astype(np.int64), "tissue": share[keep]})
-    grid["level"], grid["size"], grid["read_size"] = level, int(round(size)), read_size
+    grid["level"], grid["size"], grid["read_size"] = level, round(size), read_size
     if annotation is not None and len(grid):
         ann_downsample = width / annotation.shape[1]
         grid["tumour_fraction"] = _box_means(annotation > 0, ann_downsample, grid["x"].to_numpy(float), grid["y"].to_numpy(float), size)

@@ -147,7 +147,7 @@ class _TiffSlide(Slide):
                         self._tif.filehandle.seek(page.dataoffsets[index])
                         data = self._tif.filehandle.read(page.databytecounts[index])
                     tile = page.decode(data, index, jpegtables=page.jpegtables)[0]
-                except Exception as err:  # codecs raise many kinds; each means this tile is unreadable
+                except Exception as err:  # noqa: BLE001 — codecs raise many kinds; each means this tile is unreadable
                     raise SlideError(f"{self.uri}: cannot decode tile {index} of level {level}: {err.__class__.__name__}") from None
                 if tile is None:
                     continue
@@ -231,5 +231,5 @@ def open_slide(uri: str, default_mpp: float | None = None, cache_bytes: int = 20
         return _TiffSlide(uri, path, default_mpp)
     except SlideError:
         raise
-    except Exception as err:  # tifffile raises many kinds for a file that is not a usable TIFF
+    except Exception as err:  # noqa: BLE001 — tifffile raises many kinds for a file that is not a usable TIFF
         raise SlideError(f"{uri}: not a readable slide ({err.__class__.__name__})") from None
