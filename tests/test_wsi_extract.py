@@ -89,7 +89,9 @@ def test_corrupt_slides_are_reported_with_their_uri_and_the_job_goes_on(extracte
 def test_patches_are_pngs_of_the_requested_size_with_coordinates_and_labels(extracted):
     out, _, _ = extracted
     patches = _patches(out)
-    assert {"image", "slide_id", "patient_id", "split", "x", "y", "level", "size", "tissue", "tumour_fraction", "tumour", "patch"} <= set(patches)
+    assert {"image", "slide_id", "patient_id", "split", "x", "y", "level", "size", "tissue", "tumour_fraction", "tumour", "patch"} <= set(
+        patches
+    )
     assert Image.open(io.BytesIO(patches["patch"].iloc[0])).size == (32, 32)
     assert (patches["size"] == 64).all() and (patches["tissue"] >= 0.5).all()
     assert patches.groupby("image").size().max() <= 24  # the cap per slide
@@ -112,7 +114,7 @@ def test_no_slide_and_no_patient_has_patches_on_both_sides_of_the_split(slide_di
 
 
 def test_a_rerun_after_an_interruption_redoes_only_unfinished_slides_without_duplicates(extracted, tmp_path):
-    out, first, frame = extracted
+    out, _, frame = extracted
     before = _patches(out)
     victim = frame["image"].iloc[1]
     # An interrupted run: the slide's done marker was never written and one of its shards is half there.
@@ -128,7 +130,9 @@ def test_a_rerun_after_an_interruption_redoes_only_unfinished_slides_without_dup
     after = _patches(out)
     assert not after.duplicated(["image", "x", "y"]).any()
     assert len(after) == len(before)
-    assert sorted(os.listdir(shard_dir)) == sorted(f"chunk-{i:05d}.parquet" for i in range(-(-int((before["image"] == victim).sum()) // 10)))
+    assert sorted(os.listdir(shard_dir)) == sorted(
+        f"chunk-{i:05d}.parquet" for i in range(-(-int((before["image"] == victim).sum()) // 10))
+    )
     assert [os.stat(path).st_mtime_ns for path in finished] == written  # finished slides were not touched
 
 
@@ -176,5 +180,5 @@ def test_train_on_patches_then_evaluate_per_slide_with_heatmaps(slide_dir, tmp_p
     patches = pd.read_parquet(os.path.join(os.path.dirname(evaluation.paths["predictions"]), "patch_predictions.parquet"))
     top = patches.groupby("image")["prob_tumour"].max()
     assert np.allclose(slides.set_index("image")["prob_tumour"], top[slides["image"]].to_numpy())  # aggregate: max
-    html = open(evaluation.paths["report.html"]).read()
+    html = storage.read_text(evaluation.paths["report.html"])
     assert "Patch-score heatmaps" in html and html.count("data:image/png;base64") == 2

@@ -118,9 +118,8 @@ def plan_slide(row: dict, labels: list[str], spec: ExtractSpec, out: str | None 
     return grid, info
 
 
-def _plan_batch(batch: dict, labels: list[str], spec: ExtractSpec, out: str) -> dict:
+def _plan_batch(row: dict, labels: list[str], spec: ExtractSpec, out: str) -> dict:
     """One slide in, one row per chunk of its grid out (or one row saying why there is none)."""
-    row = {k: v[0] for k, v in batch.items()}
     try:
         grid, info = plan_slide(row, labels, spec, out)
         error = STATUS_EMPTY if grid.empty else ""
@@ -143,11 +142,11 @@ def _plan_batch(batch: dict, labels: list[str], spec: ExtractSpec, out: str) -> 
     }
 
 
-def _extract_batch(batch: dict, slide_rows: dict, labels: list[str], spec: ExtractSpec, out: str) -> dict:
+def _extract_batch(row: dict, slide_rows: dict, labels: list[str], spec: ExtractSpec, out: str) -> dict:
     """Read one chunk of patches and write it as one Parquet shard; return its count (or its error)."""
-    uri, chunk = str(batch["image"][0]), int(batch["chunk"][0])
+    uri, chunk = str(row["image"]), int(row["chunk"])
     meta = slide_rows[uri]
-    grid = pd.read_json(io.StringIO(str(batch["coords"][0])), orient="records")
+    grid = pd.read_json(io.StringIO(str(row["coords"])), orient="records")
     try:
         with open_slide(uri, spec.default_mpp, spec.cache_bytes) as slide:
             patches = [png(read_patch(slide, r, spec.grid.patch_size)) for r in grid.to_dict("records")]
@@ -175,9 +174,17 @@ def _extract_batch(batch: dict, slide_rows: dict, labels: list[str], spec: Extra
     return {"image": [uri], "chunk": [chunk], "patches": [len(frame)], "error": [""]}
 
 
-def _one_row_blocks(frame: pd.DataFrame) -> ray.data.Dataset:
-    # One block per row: one task per slide (planning) or per chunk (reading), spread over every CPU.
-    return ray.data.from_pandas([frame.iloc[i : i + 1].reset_index(drop=True) for i in range(len(frame))])
+def _each(rows: list[dict], fn, **kwargs) -> ray.data.Dataset:
+    """``fn(row, **kwargs)`` over ``rows``, one task per row (per slide when planning, per chunk when
+    reading), spread over every CPU. The rows travel once, as an argument in the object store; the
+    dataset itself is only their indices (``from_pandas`` of many one-row frames costs seconds)."""
+    return ray.data.range(len(rows), override_num_blocks=len(rows)).map_batches(
+        _apply, batch_size=1, fn_kwargs={"rows": rows, "fn": fn, "kwargs": kwargs}
+    )
+
+
+def _apply(batch: dict, rows: list[dict], fn, kwargs: dict) -> dict:
+    return fn(rows[int(batch["id"][0])], **kwargs)
 
 
 def _clear(uri: str) -> None:
@@ -216,9 +223,7 @@ def extract_patches(manifest: Manifest, out: str, spec: ExtractSpec | None = Non
 
     columns = ["image", "mask", *labels]
     plans = (
-        _one_row_blocks(todo[columns])
-        .map_batches(_plan_batch, batch_size=1, fn_kwargs={"labels": labels, "spec": spec, "out": out})
-        .to_pandas()
+        _each(todo[columns].to_dict("records"), _plan_batch, labels=labels, spec=spec, out=out).to_pandas()
         if len(todo)
         else pd.DataFrame(columns=["image", "chunk", "chunks", "coords", "error", "info"])
     )
@@ -232,7 +237,7 @@ def extract_patches(manifest: Manifest, out: str, spec: ExtractSpec | None = Non
     chunks_ok: dict[str, int] = {uri: 0 for uri in todo["image"]}
     if len(work):
         kwargs = {"slide_rows": meta, "labels": labels, "spec": spec, "out": out}
-        results = _one_row_blocks(work[["image", "chunk", "coords"]]).map_batches(_extract_batch, batch_size=1, fn_kwargs=kwargs)
+        results = _each(work[["image", "chunk", "coords"]].to_dict("records"), _extract_batch, **kwargs)
         bar = tqdm(total=int(work["coords"].map(lambda c: len(json.loads(c))).sum()), unit="patch", desc="extracting", disable=not progress)
         for r in results.iter_rows():
             uri = r["image"]

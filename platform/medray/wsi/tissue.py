@@ -92,5 +92,5 @@ def overlay_png(tissue: TissueMask) -> bytes:
     edge = tissue.mask & ~ndimage.binary_erosion(tissue.mask)
     image[edge] = green
     buffer = io.BytesIO()
-    Image.fromarray(image.clip(0, 255).astype(np.uint8)).save(buffer, format="PNG")
+    Image.fromarray(image.clip(0, 255).astype(np.uint8)).save(buffer, format="PNG", compress_level=1)
     return buffer.getvalue()
