@@ -118,3 +118,15 @@ def test_slide_scores_pool_patch_probabilities_as_asked():
     assert slide_scores(patches, ["prob_t"], "topk", k=2)["prob_t"].to_dict() == pytest.approx({"a": 0.65, "b": 0.5})
     with pytest.raises(ValueError, match="median"):
         slide_scores(patches, ["prob_t"], "median")
+
+
+def test_the_wsi_demo_config_is_valid_and_a_bad_wsi_field_is_named():
+    from pathlib import Path
+
+    from medray.config import ConfigError, load_config
+
+    path = str(Path(__file__).parents[1] / "jobs" / "configs" / "wsi_demo.yaml")
+    config = load_config(path)
+    assert (config.wsi.patch_size, config.wsi.aggregate, config.model.in_channels, config.data.augment) == (64, "topk", 3, "histo")
+    with pytest.raises(ConfigError, match="wsi.aggregate"):
+        load_config(path, ["wsi.aggregate=median"])
