@@ -63,13 +63,14 @@ def main() -> None:
     parser.add_argument("--patch-size", type=int, default=128)
     parser.add_argument("--target-mpp", type=float, default=0.5)
     parser.add_argument("--cpus", type=int, default=os.cpu_count())
+    parser.add_argument("--chunk", type=int, default=64, help="patches per extraction task")
     args = parser.parse_args()
 
     work = tempfile.mkdtemp(prefix="wsi-bench-")
     csv = demo_slides.generate(os.path.join(work, "slides"), args.slides, args.width, args.height, seed=0)
     manifest = read_slide_manifest(csv)
     slides = list(manifest.frame["image"])
-    spec = ExtractSpec(GridSpec(args.target_mpp, args.patch_size, min_tissue=0.5), chunk_patches=64)
+    spec = ExtractSpec(GridSpec(args.target_mpp, args.patch_size, min_tissue=0.5), chunk_patches=args.chunk)
     full = ExtractSpec(GridSpec(args.target_mpp, args.patch_size, min_tissue=0.0))
 
     rows = manifest.frame.to_dict("records")
