@@ -75,6 +75,21 @@ def _demo(config: JobConfig) -> None:
 JOBS = {"train": _train, "tune": _tune, "evaluate": _evaluate, "score": _score, "demo": _demo}
 
 
+def _extract_patches(config: JobConfig) -> None:
+    from medray.wsi.job import extract_job
+
+    r, _ = extract_job(config)
+    print(
+        f"{r.slides} slides: {r.done} extracted, {r.skipped} already done, {r.empty} without tissue, {r.errors} unreadable; "
+        f"{r.patches} patches ({r.background_skipped:.0%} of grid positions skipped as background) → {r.out}"
+    )
+    if r.errors:
+        print(f"unreadable slides and why: {storage.join(r.out, 'errors.parquet')}")
+
+
+JOBS.update({"extract-patches": _extract_patches})
+
+
 def run_job(verb: str, argv: list[str] | None = None) -> None:
     """Entry for ``jobs/<verb>.py``: ``--config FILE [--set a.b=v ...]``."""
     parser = argparse.ArgumentParser(prog=f"medray {verb}")
@@ -167,6 +182,19 @@ def main(argv: list[str] | None = None) -> None:
     compare.add_argument("b", help="checkpoint directory or run directory")
     _job_arguments(compare)
 
+    demo_slides = verbs.add_parser("demo-slides", help="write synthetic pyramidal TIFF slides and a slide manifest")
+    demo_slides.add_argument("out")
+    demo_slides.add_argument("--slides", type=int, default=16)
+    demo_slides.add_argument("--width", type=int, default=2048)
+    demo_slides.add_argument("--height", type=int, default=1536)
+    demo_slides.add_argument("--seed", type=int, default=0)
+
+    tissue = verbs.add_parser("tissue", help="a slide's tissue mask, as a PNG overlay for review")
+    tissue.add_argument("slide", help="slide file, local or s3://")
+    tissue.add_argument("out", help="PNG to write")
+    tissue.add_argument("--thumbnail-side", type=int, default=512)
+    tissue.add_argument("--min-region-um2", type=float, default=20_000.0)
+
     for verb in JOBS:
         _job_arguments(verbs.add_parser(verb, help=f"run the {verb} job"))
 
@@ -182,6 +210,18 @@ def main(argv: list[str] | None = None) -> None:
         print(generate(args.out, args.patients, args.image_size, args.seed))
     elif args.verb == "ingest":
         _ingest(args)
+    elif args.verb == "demo-slides":
+        from medray.wsi.demo_slides import generate as generate_slides
+
+        print(generate_slides(args.out, args.slides, args.width, args.height, args.seed))
+    elif args.verb == "tissue":
+        from medray.wsi.slides import open_slide
+        from medray.wsi.tissue import detect, overlay_png
+
+        with open_slide(storage.absolute(args.slide)) as slide:
+            mask = detect(slide, args.thumbnail_side, args.min_region_um2)
+        storage.write_bytes(storage.absolute(args.out), overlay_png(mask))
+        print(f"tissue covers {mask.fraction:.1%} of the slide{' — NO TISSUE FOUND' if mask.empty else ''} → {args.out}")
     elif args.verb == "split":
         from medray.manifest import Manifest, read_manifest, write_manifest
         from medray.splits import split_by_patient, summary

@@ -200,6 +200,29 @@ class S3Config(_Section):
     region: str | None = None
 
 
+class WsiConfig(_Section):
+    """Whole-slide images (medray.wsi): patch extraction, and training and evaluation on its patches."""
+
+    slides: Uri | None = Field(None, description="slide manifest (CSV or Parquet): image, patient_id, labels, optional mask")
+    patches: Uri | None = Field(None, description="extracted patches; when set, train and evaluate use them (default output <run>/patches)")
+    target_mpp: float = Field(1.0, gt=0, description="microns per pixel of the patches")
+    patch_size: int = Field(224, ge=8, le=4096, description="patch side in pixels at target_mpp")
+    stride: int | None = Field(None, ge=1, description="grid step in pixels at target_mpp; default patch_size")
+    min_tissue: float = Field(0.5, ge=0, le=1, description="share of a patch the tissue mask must cover")
+    max_patches: int | None = Field(None, ge=1, description="cap of patches per slide")
+    cap_by: Literal["random", "tissue"] = Field("random", description="which patches the cap keeps")
+    labels_from: Literal["slide", "annotation"] = Field("slide", description="annotation: tumour_label from each slide's mask")
+    tumour_label: str | None = Field(None, description="the label annotation masks mark; default the first label")
+    tumour_threshold: float = Field(0.5, gt=0, le=1, description="tumour share that makes a patch positive")
+    thumbnail_side: int = Field(512, ge=64, description="tissue detection runs on the coarsest level at least this long")
+    min_region_um2: float = Field(20_000.0, ge=0, description="tissue regions smaller than this (µm²) are dropped")
+    default_mpp: float | None = Field(None, gt=0, description="microns per pixel for slides that do not record it")
+    chunk_patches: int = Field(64, ge=1, description="patches per extraction task: bounds each task's memory")
+    cache_gb: float = Field(20.0, gt=0, description="local cache for slides fetched from S3")
+    aggregate: Literal["mean", "max", "topk"] = Field("mean", description="patch scores → slide score")
+    top_k: int = Field(5, ge=1, description="with aggregate: topk, the mean of the k highest patch scores")
+
+
 class JobConfig(_Section):
     name: str = Field("demo", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     storage: Uri = "runs"
@@ -215,6 +238,7 @@ class JobConfig(_Section):
     tune: SweepConfig = SweepConfig()
     ingest: IngestConfig = IngestConfig()
     s3: S3Config = S3Config()
+    wsi: WsiConfig = WsiConfig()
 
     @property
     def run_dir(self) -> str:

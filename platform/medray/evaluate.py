@@ -126,6 +126,10 @@ def read_audit(run_dir: str) -> dict | None:
 
 
 def evaluate(config: JobConfig) -> Evaluation:
+    if config.wsi.patches:  # whole-slide images: patch scores aggregated per slide
+        from medray.wsi.slide_eval import evaluate_slides
+
+        return evaluate_slides(config)
     # The report imports matplotlib: only when writing one.
     from medray.report.sections import build_report
 

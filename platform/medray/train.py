@@ -204,7 +204,10 @@ def build_trainer(config: JobConfig, callbacks: list | None = None) -> TorchTrai
 
 def train(config: JobConfig, callbacks: list | None = None) -> TrainResult:
     """Train (or resume) the run; record its best checkpoint by validation mean AUROC."""
-    result = build_trainer(config, callbacks).fit()
+    build = build_trainer
+    if config.wsi.patches:  # whole-slide images: patches from Parquet shards (medray.wsi.training)
+        from medray.wsi.training import build_patch_trainer as build
+    result = build(config, callbacks).fit()
     best = result.get_best_checkpoint(SCORE, "max")
     if best is None:
         raise RuntimeError(f"training run {config.run_dir} reported no checkpoint")

@@ -1,0 +1,125 @@
+"""Training on extracted patches with the same trainer (medray.train), from the Parquet shards.
+
+The batches are the ones ``medray.data.decoded`` makes from image URIs (``image`` uint8, ``labels``
+float32, ``unreadable`` bool), decoded from the shards' PNG patches instead; the worker loop, loss,
+validation and checkpoints are medray.train's own. The split was made per patient before extraction,
+so every patch of a slide is on one side. Only slides with a done marker are read: a slide a killed
+extraction left half-written never reaches training.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+
+import numpy as np
+import pyarrow.dataset as pads
+import ray
+from PIL import Image
+from ray.train.torch import TorchTrainer
+
+from medray import storage
+from medray.augment import augment_batch
+from medray.config import JobConfig
+from medray.losses import make_loss
+
+log = logging.getLogger(__name__)
+BATCH = 64
+
+
+def patch_labels(patches: str) -> list[str]:
+    return json.loads(storage.read_text(storage.join(patches, "extract.json")))["labels"]
+
+
+def shard_uris(patches: str) -> list[str]:
+    """The Parquet shards of every slide whose extraction finished."""
+    done = {os.path.basename(u)[: -len(".json")] for u in storage.list_files(storage.join(patches, "done"), (".json",))}
+    shards = storage.list_files(storage.join(patches, "patches"), (".parquet",))
+    return [u for u in shards if u.rstrip("/").split("/")[-2] in done]
+
+
+def _table(patches: str, columns: list[str]):
+    shards = shard_uris(patches)
+    if not shards:
+        raise FileNotFoundError(f"{patches}: no finished patch shards; run `medray extract-patches` first")
+    fs, _ = storage.filesystem(patches)
+    paths = [storage.filesystem(u)[1] for u in shards]
+    return pads.dataset(paths, filesystem=fs, format="parquet").to_table(columns=columns)
+
+
+def patch_frame(patches: str, columns: list[str]):
+    """Chosen columns of every finished patch, as pandas (no pixels unless asked for)."""
+    return _table(patches, columns).to_pandas()
+
+
+def decode_patches(encoded, size: int, channels: int) -> tuple[np.ndarray, np.ndarray]:
+    """PNG patches → ``(n, size, size[, 3])`` uint8 and a mask of those that could not be decoded."""
+    n = len(encoded)
+    pixels = np.zeros((n, size, size) if channels == 1 else (n, size, size, channels), dtype=np.uint8)
+    bad = np.zeros(n, dtype=bool)
+    for i, data in enumerate(encoded):
+        try:
+            image = Image.open(io.BytesIO(data)).convert("L" if channels == 1 else "RGB")
+            if image.size != (size, size):
+                image = image.resize((size, size), Image.Resampling.BILINEAR)
+            pixels[i] = np.asarray(image)
+        except (OSError, ValueError) as err:
+            log.warning("skipping unreadable patch: %s", err.__class__.__name__)
+            bad[i] = True
+    return pixels, bad
+
+
+def _split_batch(batch: dict, split: str, labels: list[str], size: int, channels: int) -> dict:
+    keep = batch["split"] == split
+    pixels, bad = decode_patches(batch["patch"][keep], size, channels)
+    targets = np.stack([batch[label][keep].astype(np.float32) for label in labels], axis=1).reshape(len(pixels), len(labels))
+    targets[bad] = np.nan  # masked out of the loss and the metrics, like any unknown label
+    return {"image": pixels, "labels": targets, "unreadable": bad}
+
+
+def patch_dataset(patches: str, split: str, labels: list[str], size: int, channels: int = 3) -> ray.data.Dataset:
+    """One split's patches as training batches (the dict ``medray.data.decoded`` makes)."""
+    fs, _ = storage.filesystem(patches)
+    paths = [storage.filesystem(u)[1] for u in shard_uris(patches)]
+    ds = ray.data.read_parquet(paths, filesystem=fs, columns=["patch", "split", *labels])
+    kwargs = {"split": split, "labels": labels, "size": size, "channels": channels}
+    return ds.map_batches(_split_batch, fn_kwargs=kwargs, batch_size=BATCH)
+
+
+def _augment(batch: dict, policy: str, params: dict | None) -> dict:
+    return {**batch, "image": augment_batch(batch["image"], policy, params)} if len(batch["image"]) else batch
+
+
+def build_patch_trainer(config: JobConfig, callbacks: list | None = None) -> TorchTrainer:
+    """medray.train's ``TorchTrainer`` over the patch shards in ``config.wsi.patches``."""
+    from medray.train import _run_config, _worker_loop
+
+    patches = config.wsi.patches
+    labels = patch_labels(patches)
+    frame = patch_frame(patches, ["split", *labels])
+    train_targets = frame.loc[frame["split"] == "train", labels].to_numpy(float)
+    if config.sampling.strategy != "none":
+        log.warning("sampling.strategy is not applied to patches; cap patches per slide with wsi.max_patches")
+    loss = make_loss("multi-label", train_targets, config.loss.weighting, config.loss.beta, config.loss.focal_gamma)
+    log.info("training on %d patches, validating on %d", len(train_targets), int((frame["split"] == "val").sum()))
+
+    size, channels = config.data.image_size, config.model.in_channels
+    train_ds, val_ds = (patch_dataset(patches, split, labels, size, channels) for split in ("train", "val"))
+    if config.data.cache_decoded:
+        train_ds, val_ds = train_ds.materialize(), val_ds.materialize()
+    if config.data.augment != "none":
+        kwargs = {"policy": config.data.augment, "params": config.data.augment_params}
+        train_ds = train_ds.map_batches(_augment, fn_kwargs=kwargs, batch_size=BATCH)
+    return TorchTrainer(
+        _worker_loop,
+        train_loop_config={"config": config.model_dump(mode="json"), "labels": labels, "task": "multi-label", "loss": loss},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=config.train.workers,
+            use_gpu=config.train.use_gpu,
+            resources_per_worker={"CPU": config.train.cpus_per_worker},
+        ),
+        run_config=_run_config(config, callbacks),
+        datasets={"train": train_ds, "val": val_ds},
+    )
