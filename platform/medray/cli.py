@@ -121,8 +121,10 @@ def main(argv: list[str] | None = None) -> None:
     split.add_argument("out")
     for name, default in (("--val", 0.15), ("--test", 0.15), ("--min-positive", 0.5), ("--train-keeps-positive", 0.5)):
         split.add_argument(name, type=float, default=default)
-    split.add_argument("--label", help="label whose positives val and test are enriched with")
+    split.add_argument("--label", help="label(s) whose positives val and test are enriched with, comma-separated")
     split.add_argument("--seed", type=int, default=0)
+    split.add_argument("--sites", help="comma-separated values of the 'site' column held out as test (cross-site)")
+    split.add_argument("--folds", type=int, help="grouped stratified k-fold over the patients outside test (column 'fold')")
 
     for verb in JOBS:
         _job_arguments(verbs.add_parser(verb, help=f"run the {verb} job"))
@@ -147,7 +149,11 @@ def main(argv: list[str] | None = None) -> None:
         from medray.splits import split_by_patient, summary
 
         manifest = read_manifest(storage.absolute(args.manifest))
-        frame = split_by_patient(manifest, args.val, args.test, args.min_positive, args.label, args.seed, args.train_keeps_positive)
+        label = args.label.split(",") if args.label else None
+        sites = args.sites.split(",") if args.sites else None
+        frame = split_by_patient(
+            manifest, args.val, args.test, args.min_positive, label, args.seed, args.train_keeps_positive, sites, args.folds
+        )
         write_manifest(Manifest(frame, manifest.labels, manifest.task), storage.absolute(args.out))
         print(summary(frame, manifest.labels).round(3).to_string())
 

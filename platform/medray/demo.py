@@ -15,7 +15,7 @@ from medray.demo_data import FINDINGS, generate
 from medray.evaluate import evaluate
 from medray.manifest import Manifest, read_manifest, write_manifest
 from medray.score import score
-from medray.splits import split_by_patient, summary
+from medray.splits import split_with_config, summary
 from medray.train import train
 
 
@@ -42,8 +42,7 @@ def run_demo(config: JobConfig) -> None:
 
     _step("3/6 patient-level split")
     manifest = read_manifest(ingested.manifest)
-    s = config.split
-    frame = split_by_patient(manifest, s.val, s.test, s.min_positive, s.label, s.seed, s.train_keeps_positive)
+    frame = split_with_config(manifest, config.split)
     write_manifest(Manifest(frame, manifest.labels), config.manifest)
     print(summary(frame, manifest.labels).round(3).to_string())
 
