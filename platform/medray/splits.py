@@ -56,9 +56,9 @@ def _take(pool: list, images: pd.Series, positives: pd.DataFrame, want: dict, ta
     n_pos = dict.fromkeys(want, 0)
     n_patients = dict.fromkeys(want, 0)
     chosen = set()
-    for label in want:
+    for label, wanted in want.items():
         for patient in pool:
-            if n_pos[label] >= want[label] or n_patients[label] >= caps[label]:
+            if n_pos[label] >= wanted or n_patients[label] >= caps[label]:
                 break
             hits = [lab for lab in want if positives.at[patient, lab] > 0]
             if patient in chosen or label not in hits or any(n_patients[lab] >= caps[lab] for lab in hits):
