@@ -126,6 +126,12 @@ def main(argv: list[str] | None = None) -> None:
     split.add_argument("--sites", help="comma-separated values of the 'site' column held out as test (cross-site)")
     split.add_argument("--folds", type=int, help="grouped stratified k-fold over the patients outside test (column 'fold')")
 
+    audit = verbs.add_parser("audit", help="leakage audit of a split manifest: patients, studies, near-duplicate images")
+    audit.add_argument("manifest")
+    audit.add_argument("--out", help="folder for audit.json, audit.md and the near-duplicate table; default <run>/audit")
+    audit.add_argument("--max-distance", type=int, help="near-duplicate Hamming distance (of 256 bits); default audit.max_distance")
+    _job_arguments(audit)
+
     for verb in JOBS:
         _job_arguments(verbs.add_parser(verb, help=f"run the {verb} job"))
 
@@ -156,6 +162,26 @@ def main(argv: list[str] | None = None) -> None:
         )
         write_manifest(Manifest(frame, manifest.labels, manifest.task), storage.absolute(args.out))
         print(summary(frame, manifest.labels).round(3).to_string())
+    elif args.verb == "audit":
+        _audit(args)
+
+
+def _audit(args: argparse.Namespace) -> None:
+    from medray.audit import audit
+
+    try:
+        config = load_config(args.config, args.set)
+    except ConfigError as err:
+        sys.exit(f"medray audit: {err}")
+    init_ray()
+    out = storage.absolute(args.out) if args.out else storage.join(config.run_dir, "audit")
+    distance = config.audit.max_distance if args.max_distance is None else args.max_distance
+    result = audit(storage.absolute(args.manifest), out, distance, config.audit.thumbnails)
+    for check in result.checks:
+        print(f"{'pass' if check['passed'] else 'FAIL'}  {check['name']:<16} {check['count']:>6}  {check['detail']}")
+    print(f"{'passed' if result.passed else 'FAILED'}: {result.paths['audit.md']}")
+    if not result.passed:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -71,7 +71,7 @@ class DataConfig(_Section):
 
 
 class AuditConfig(_Section):
-    max_distance: int = Field(10, ge=0, le=256, description="Hamming distance (of 256 bits) that counts as a near duplicate")
+    max_distance: int = Field(12, ge=0, le=256, description="Hamming distance (of 256 bits) that counts as a near duplicate")
     thumbnails: int = Field(12, ge=0, description="near-duplicate pairs drawn in near_duplicates.png")
 
 
