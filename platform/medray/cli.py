@@ -73,6 +73,17 @@ def _demo(config: JobConfig) -> None:
 JOBS = {"train": _train, "tune": _tune, "evaluate": _evaluate, "score": _score, "demo": _demo}
 
 
+def _prepare(config: JobConfig) -> None:
+    from medray.cache import prepare
+
+    d = config.data
+    result = prepare(config.manifest, d.cache, d.image_size, config.model.in_channels)
+    print(f"{result.images} images decoded at {d.image_size} px in {result.seconds:.0f} s, {result.unreadable} unreadable → {result.uri}")
+
+
+JOBS["prepare"] = _prepare
+
+
 def run_job(verb: str, argv: list[str] | None = None) -> None:
     """Entry for ``jobs/<verb>.py``: ``--config FILE [--set a.b=v ...]``."""
     parser = argparse.ArgumentParser(prog=f"medray {verb}")

@@ -32,6 +32,8 @@ class Evaluation:
 def evaluate(config: JobConfig) -> Evaluation:
     checkpoint_uri = checkpoint.resolve(config.evaluate.checkpoint, config.run_dir)
     manifest = read_manifest(config.manifest)
+    if config.data.fold is not None:  # thresholds on the fold the model was validated on
+        manifest.frame = splits.fold_view(manifest.frame, config.data.fold)
     labels = manifest.labels
     held_out = manifest.frame[manifest.frame["split"].isin(["val", "test"])][["image", "split", *labels]]
     scored = predict(rows(held_out), checkpoint_uri, config.evaluate.batch_size).to_pandas()
