@@ -3,6 +3,7 @@
 import logging
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -24,7 +25,7 @@ def prepared(split_manifest_path, tmp_path_factory):
     folder = tmp_path_factory.mktemp("cache")
     manifest = read_manifest(split_manifest_path)
     broken = folder / "broken.png"
-    broken.write_bytes(open(manifest.frame["image"].iloc[0], "rb").read()[:200])  # a truncated PNG
+    broken.write_bytes(Path(manifest.frame["image"].iloc[0]).read_bytes()[:200])  # a truncated PNG
     row = {**manifest.frame.iloc[0].to_dict(), "image": str(broken), "split": "train", "Mass": 1.0}
     frame = pd.concat([manifest.frame, pd.DataFrame([row])], ignore_index=True)
     path = write_manifest(Manifest(frame, manifest.labels), str(folder / "split.parquet"))
