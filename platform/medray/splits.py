@@ -79,9 +79,8 @@ def _take(pool: list, images: pd.Series, positives: pd.DataFrame, want: dict, ta
 
 def _enriched(frame, pool, fractions, labels, min_positive, train_keeps_positive) -> dict:
     """``{patient: split}`` for the held-out splits in ``fractions`` (in order), sampled from ``pool``."""
-    by_patient = frame.groupby("patient_id", sort=True)
-    images = by_patient.size()
-    positives = by_patient[labels].agg(lambda s: int((s == 1).sum()))
+    images = frame.groupby("patient_id", sort=True).size()
+    positives = (frame[labels] == 1).groupby(frame["patient_id"], sort=True).sum().astype(int)
     positive_patients = (positives > 0).sum()
     labels = sorted(labels, key=lambda lab: (positive_patients[lab], labels.index(lab)))  # rarest first
     total = sum(fractions.values())
