@@ -22,8 +22,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import ray
 
 from medray import images, storage
@@ -85,7 +87,7 @@ def prepare(manifest_uri: str, out: str | None = None, size: int = 128, channels
     frame = manifest.frame.assign(**{ROW: np.arange(len(manifest.frame))})
     fs, path = storage.filesystem(storage.join(out, SHARDS))
     ds = rows(frame).map_batches(_decode_rows, fn_kwargs={"size": size, "channels": channels}, batch_size=64)
-    ds.write_parquet(path, filesystem=fs, min_rows_per_file=1024)
+    ds.write_parquet(path, filesystem=fs, min_rows_per_file=256)
     errors = pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=["error"]).column("error").to_pylist()
     unreadable = sum(1 for e in errors if e)
     meta = {
@@ -120,15 +122,37 @@ def freshness(cache_uri: str, manifest_uri: str, size: int, channels: int) -> st
     return None
 
 
-def _from_cache(batch: dict, labels: list[str], member: np.ndarray, weights: np.ndarray | None) -> dict:
-    keep = member[batch[ROW]]
-    targets = np.stack([np.asarray(batch[label], dtype=np.float32)[keep] for label in labels], axis=1)
-    bad = np.asarray(batch["error"])[keep] != ""
-    targets[bad] = np.nan  # as when decoding fails mid-training: masked out of the loss and the metrics
-    out = {"image": batch["pixels"][keep], "labels": targets, "unreadable": bad}
-    if weights is not None:
-        out[COLUMN] = weights[batch[ROW][keep]]
-    return out
+def _shards(cache_uri: str) -> list[str]:
+    fs, path = storage.filesystem(storage.join(cache_uri, SHARDS))
+    prefix = storage.S3 if storage.is_s3(cache_uri) else ""
+    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    return sorted(prefix + i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
+
+
+def _pixels(column: pa.ChunkedArray, shape: tuple[int, ...]) -> np.ndarray:
+    """Ray Data writes ``(H, W[, C])`` uint8 arrays as fixed-length lists: flatten and reshape, no copy per row."""
+    array = column.combine_chunks()
+    if isinstance(array, pa.ExtensionArray):  # Ray's tensor type, when Ray has registered it in this process
+        array = array.storage
+    return array.flatten().to_numpy().reshape(len(array), *shape)
+
+
+def _read_shards(batch: dict, labels: list[str], shape: tuple, member: np.ndarray, weights: np.ndarray | None) -> dict:
+    """Ray Data UDF: whole cache shards (one URI per row) → training rows of one split."""
+    parts = []
+    for uri in batch["shard"]:
+        fs, path = storage.filesystem(str(uri))
+        table = pq.read_table(path, filesystem=fs, columns=["pixels", "error", ROW, *labels])
+        keep = member[table.column(ROW).to_numpy()]
+        rows_ = table.column(ROW).to_numpy()[keep]
+        targets = np.stack([table.column(label).to_numpy(zero_copy_only=False).astype(np.float32)[keep] for label in labels], axis=1)
+        bad = np.asarray(table.column("error").to_pylist(), dtype=object)[keep] != ""
+        targets[bad] = np.nan  # as when decoding fails mid-training: masked out of the loss and the metrics
+        part = {"image": _pixels(table.column("pixels"), shape)[keep], "labels": targets, "unreadable": bad}
+        if weights is not None:
+            part[COLUMN] = weights[rows_]
+        parts.append(part)
+    return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
 
 
 def training_data(
@@ -158,10 +182,13 @@ def training_data(
     if multiplicity is not None:
         weights = np.zeros(len(member))
         weights[np.flatnonzero(member)] = multiplicity
-    fs, path = storage.filesystem(storage.join(cache_uri, SHARDS))
-    columns = ["pixels", "error", ROW, *manifest.labels]
-    kwargs = {"labels": manifest.labels, "member": member, "weights": weights}
-    return ray.data.read_parquet(path, filesystem=fs, columns=columns).map_batches(_from_cache, fn_kwargs=kwargs, batch_size=64)
+    # One task per shard reading it with pyarrow: Ray's Parquet datasource plans, samples and fetches
+    # metadata on every pass, which cost more than the read itself on each epoch (measured here).
+    shards = _shards(cache_uri)
+    shape = (size, size) if channels == 1 else (size, size, channels)
+    kwargs = {"labels": manifest.labels, "shape": shape, "member": member, "weights": weights}
+    items = ray.data.from_items([{"shard": uri} for uri in shards], override_num_blocks=max(len(shards), 1))
+    return items.map_batches(_read_shards, fn_kwargs=kwargs, batch_size=1)
 
 
 def read_cache(cache_uri: str) -> pd.DataFrame:
