@@ -99,3 +99,15 @@ def test_the_split_config_section_reaches_the_split():
     splits = split_with_config(synthetic(), config.split)
     assert sorted(splits[FOLD].unique()) == [-1, 0, 1, 2]
     assert shares(splits, "test", ["Nodule"])["Nodule"] >= 0.3
+
+
+def test_medray_split_takes_several_labels_sites_and_folds(tmp_path):
+    from medray.cli import main
+    from medray.manifest import read_manifest, write_manifest
+
+    source = write_manifest(synthetic(), str(tmp_path / "manifest.parquet"))
+    out = str(tmp_path / "split.parquet")
+    main(["split", source, out, "--label", "Nodule,Effusion", "--min-positive", "0.3", "--sites", "C", "--folds", "3"])
+    frame = read_manifest(out).frame
+    assert (frame.loc[frame["site"] == "C", "split"] == "test").all()
+    assert sorted(frame.loc[frame["site"] != "C", FOLD].unique()) == [0, 1, 2]
