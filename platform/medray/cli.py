@@ -187,7 +187,10 @@ def _audit(args: argparse.Namespace) -> None:
     init_ray()
     out = storage.absolute(args.out) if args.out else storage.join(config.run_dir, "audit")
     distance = config.audit.max_distance if args.max_distance is None else args.max_distance
-    result = audit(storage.absolute(args.manifest), out, distance, config.audit.thumbnails)
+    try:
+        result = audit(storage.absolute(args.manifest), out, distance, config.audit.thumbnails)
+    except ValueError as err:  # a manifest that cannot be audited: missing, unsplit, invalid
+        sys.exit(f"medray audit: {err}")
     for check in result.checks:
         print(f"{'pass' if check['passed'] else 'FAIL'}  {check['name']:<16} {check['count']:>6}  {check['detail']}")
     print(f"{'passed' if result.passed else 'FAILED'}: {result.paths['audit.md']}")
