@@ -90,6 +90,17 @@ def _extract_patches(config: JobConfig) -> None:
 JOBS.update({"extract-patches": _extract_patches})
 
 
+def _prepare(config: JobConfig) -> None:
+    from medray.cache import prepare
+
+    d = config.data
+    result = prepare(config.manifest, d.cache, d.image_size, config.model.in_channels)
+    print(f"{result.images} images decoded at {d.image_size} px in {result.seconds:.0f} s, {result.unreadable} unreadable → {result.uri}")
+
+
+JOBS["prepare"] = _prepare
+
+
 def run_job(verb: str, argv: list[str] | None = None) -> None:
     """Entry for ``jobs/<verb>.py``: ``--config FILE [--set a.b=v ...]``."""
     parser = argparse.ArgumentParser(prog=f"medray {verb}")
@@ -159,8 +170,16 @@ def main(argv: list[str] | None = None) -> None:
     split.add_argument("out")
     for name, default in (("--val", 0.15), ("--test", 0.15), ("--min-positive", 0.5), ("--train-keeps-positive", 0.5)):
         split.add_argument(name, type=float, default=default)
-    split.add_argument("--label", help="label whose positives val and test are enriched with")
+    split.add_argument("--label", help="label(s) whose positives val and test are enriched with, comma-separated")
     split.add_argument("--seed", type=int, default=0)
+    split.add_argument("--sites", help="comma-separated values of the 'site' column held out as test (cross-site)")
+    split.add_argument("--folds", type=int, help="grouped stratified k-fold over the patients outside test (column 'fold')")
+
+    audit = verbs.add_parser("audit", help="leakage audit of a split manifest: patients, studies, near-duplicate images")
+    audit.add_argument("manifest")
+    audit.add_argument("--out", help="folder for audit.json, audit.md and the near-duplicate table; default <run>/audit")
+    audit.add_argument("--max-distance", type=int, help="near-duplicate Hamming distance (of 256 bits); default audit.max_distance")
+    _job_arguments(audit)
 
     consensus = verbs.add_parser("consensus", help="rater votes → consensus labels + agreement columns on a manifest")
     consensus.add_argument("votes", help="CSV with one row per (image, rater) and a 0/1 column per label")
@@ -227,9 +246,36 @@ def main(argv: list[str] | None = None) -> None:
         from medray.splits import split_by_patient, summary
 
         manifest = read_manifest(storage.absolute(args.manifest))
-        frame = split_by_patient(manifest, args.val, args.test, args.min_positive, args.label, args.seed, args.train_keeps_positive)
+        label = args.label.split(",") if args.label else None
+        sites = args.sites.split(",") if args.sites else None
+        frame = split_by_patient(
+            manifest, args.val, args.test, args.min_positive, label, args.seed, args.train_keeps_positive, sites, args.folds
+        )
         write_manifest(Manifest(frame, manifest.labels, manifest.task), storage.absolute(args.out))
         print(summary(frame, manifest.labels).round(3).to_string())
+    elif args.verb == "audit":
+        _audit(args)
+
+
+def _audit(args: argparse.Namespace) -> None:
+    from medray.audit import audit
+
+    try:
+        config = load_config(args.config, args.set)
+    except ConfigError as err:
+        sys.exit(f"medray audit: {err}")
+    init_ray()
+    out = storage.absolute(args.out) if args.out else storage.join(config.run_dir, "audit")
+    distance = config.audit.max_distance if args.max_distance is None else args.max_distance
+    try:
+        result = audit(storage.absolute(args.manifest), out, distance, config.audit.thumbnails)
+    except ValueError as err:  # a manifest that cannot be audited: missing, unsplit, invalid
+        sys.exit(f"medray audit: {err}")
+    for check in result.checks:
+        print(f"{'pass' if check['passed'] else 'FAIL'}  {check['name']:<16} {check['count']:>6}  {check['detail']}")
+    print(f"{'passed' if result.passed else 'FAILED'}: {result.paths['audit.md']}")
+    if not result.passed:
+        sys.exit(1)
 
 
 def _consensus(args: argparse.Namespace) -> None:

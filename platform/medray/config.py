@@ -49,6 +49,9 @@ class SplitConfig(_Section):
         0.5, ge=0, le=1, description="share of the positive patients that val and test may never take from train"
     )
     seed: int = 0
+    labels: list[str] | None = Field(None, description="several labels, each enriched to min_positive; overrides label")
+    sites: list[str] | None = Field(None, description="hold out these values of the 'site' column as test (cross-site)")
+    folds: int | None = Field(None, ge=2, description="grouped stratified k-fold over the patients outside test")
 
     @model_validator(mode="after")
     def _room_for_train(self):
@@ -63,6 +66,9 @@ class DataConfig(_Section):
     augment: str = Field("cxr", description="augmentation policy: cxr, derm, fundus, histo or none")
     augment_params: dict[str, float] = Field(default_factory=dict, description="overrides of the policy's defaults")
     cache_decoded: bool = Field(True, description="keep decoded, resized images in Ray's object store across epochs")
+    fold: int | None = Field(None, ge=0, description="with a k-fold manifest: this fold is val, the others train")
+    cache: Uri | None = Field(None, description="medray prepare's output; default <manifest>.cache-<size>px-<c>ch")
+    use_cache: bool = Field(True, description="train from the prepared cache when it is there and up to date")
 
     @model_validator(mode="after")
     def _known_policy(self):
@@ -70,6 +76,11 @@ class DataConfig(_Section):
 
         policy(self.augment, self.augment_params)  # raises, naming the unknown policy or parameter
         return self
+
+
+class AuditConfig(_Section):
+    max_distance: int = Field(12, ge=0, le=256, description="Hamming distance (of 256 bits) that counts as a near duplicate")
+    thumbnails: int = Field(12, ge=0, description="near-duplicate pairs drawn in near_duplicates.png")
 
 
 class SamplingConfig(_Section):
@@ -239,6 +250,7 @@ class JobConfig(_Section):
     ingest: IngestConfig = IngestConfig()
     s3: S3Config = S3Config()
     wsi: WsiConfig = WsiConfig()
+    audit: AuditConfig = AuditConfig()
 
     @property
     def run_dir(self) -> str:

@@ -13,13 +13,14 @@ import pandas as pd
 
 from medray import storage
 from medray.config import JobConfig
+from medray.audit import audit
 from medray.datasets import ingest_nih
 from medray.demo_data import FINDINGS, generate
 from medray.evaluate import evaluate
 from medray.labels import agreement_summary, attach
 from medray.manifest import Manifest, read_manifest, write_manifest
 from medray.score import score
-from medray.splits import split_by_patient, summary
+from medray.splits import split_with_config, summary
 from medray.train import train
 
 
@@ -49,11 +50,14 @@ def run_demo(config: JobConfig) -> None:
     manifest = attach(read_manifest(ingested.manifest), votes, replace_labels=False)
     print(agreement_summary(manifest.frame, manifest.labels).round(3).to_string())
 
-    _step("3/6 patient-level split")
-    s = config.split
-    frame = split_by_patient(manifest, s.val, s.test, s.min_positive, s.label, s.seed, s.train_keeps_positive)
+    _step("3/6 patient-level split and leakage audit")
+    frame = split_with_config(manifest, config.split)
     write_manifest(Manifest(frame, manifest.labels, manifest.task), config.manifest)
     print(summary(frame, manifest.labels).round(3).to_string())
+    # The report shows this audit: no patient, study or near-duplicate image on both sides of a split.
+    leakage = audit(config.manifest, storage.join(config.run_dir, "audit"), config.audit.max_distance, config.audit.thumbnails)
+    counts = ", ".join(f"{c['name']} {c['count']}" for c in leakage.checks)
+    print(f"leakage audit: {'passed' if leakage.passed else 'FAILED'} ({counts})")
 
     _step("4/6 train (Ray Train, DDP)")
     result = train(config)

@@ -136,6 +136,8 @@ def evaluate(config: JobConfig) -> Evaluation:
     e = config.evaluate
     checkpoint_uri = checkpoint.resolve(e.checkpoint, config.run_dir)
     manifest = read_manifest(config.manifest)
+    if config.data.fold is not None:  # thresholds on the fold the model was validated on
+        manifest.frame = splits.fold_view(manifest.frame, config.data.fold)
     labels, probs, task = manifest.labels, prob_columns(manifest.labels), manifest.task
     frame = manifest.frame
     columns = ["image", "split", *labels, *(c for c in frame if c in METADATA or c.startswith(VOTE_PREFIXES))]

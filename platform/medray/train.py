@@ -22,13 +22,15 @@ import torch.distributed as dist
 from ray.train.torch import TorchTrainer
 
 from medray import checkpoint, freezing, storage
+from medray.cache import training_data
 from medray.config import JobConfig
-from medray.data import augmented, decoded, resampled
+from medray.data import augmented, resampled
 from medray.losses import head_size, make_loss, probabilities
-from medray.manifest import read_manifest
+from medray.manifest import Manifest, read_manifest
 from medray.metrics import auroc_per_label, sensitivity_at_specificity
 from medray.models import build_model, to_input
-from medray.sampling import COLUMN, expected_draws
+from medray.sampling import expected_draws
+from medray.splits import fold_view
 
 log = logging.getLogger(__name__)
 SCORE = "val_auroc_mean"
@@ -174,20 +176,24 @@ def _run_config(config: JobConfig, callbacks: list | None) -> ray.train.RunConfi
 def build_trainer(config: JobConfig, callbacks: list | None = None) -> TorchTrainer:
     """The run's ``TorchTrainer``, its datasets decoded; ``callbacks`` let a Tune trial hear its reports."""
     manifest = read_manifest(config.manifest)
+    if config.data.fold is not None:
+        manifest = Manifest(fold_view(manifest.frame, config.data.fold), manifest.labels, manifest.task)
     labels = manifest.labels
     train_frame, val_frame = manifest.split("train"), manifest.split("val")
     loss = make_loss(manifest.task, train_frame[labels].to_numpy(float), config.loss.weighting, config.loss.beta, config.loss.focal_gamma)
     s = config.sampling
+    draws = None
     if s.strategy != "none" or s.samples_per_epoch:
         draws = expected_draws(train_frame, labels, s.strategy, s.label or config.split.label, s.samples_per_epoch)
-        train_frame = train_frame.assign(**{COLUMN: draws})
     log.info("training on %d images, validating on %d", len(train_frame), len(val_frame))
 
-    size, channels = config.data.image_size, config.model.in_channels
-    train_ds, val_ds = decoded(train_frame, labels, size, channels), decoded(val_frame, labels, size, channels)
+    d, channels = config.data, config.model.in_channels
+    source = {"manifest_uri": config.manifest, "size": d.image_size, "channels": channels, "cache_uri": d.cache, "use_cache": d.use_cache}
+    train_ds = training_data(manifest, "train", multiplicity=draws, **source)
+    val_ds = training_data(manifest, "val", **source)
     if config.data.cache_decoded:
         train_ds, val_ds = train_ds.materialize(), val_ds.materialize()
-    if COLUMN in train_frame:
+    if draws is not None:
         train_ds = resampled(train_ds)
     return TorchTrainer(
         _worker_loop,
