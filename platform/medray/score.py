@@ -181,7 +181,8 @@ def score(config: JobConfig) -> ScoreSummary:
 
     source = _ListingDatasource(s.input, s.extensions, s.part_size, min(s.batch_size, s.part_size),
                                 {i: m["inputs_sha256"] for i, m in committed.items()}, output)  # fmt: skip
-    rows = ray.data.read_datasource(source, override_num_blocks=1)
+    # Listing waits on S3, not on a CPU; asking for none keeps it from starving when the actors take all CPUs.
+    rows = ray.data.read_datasource(source, override_num_blocks=1, num_cpus=0)
     scored = predict(rows, checkpoint_uri, s.batch_size, s.actors, calibrate=True, cpus=s.cpus_per_actor)
     writer = _PartWriter(output, model_sha256)
     for batch in scored.iter_batches(batch_size=None, batch_format="pandas"):
