@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from medray import checkpoint, tracking
 from medray.config import build_config
@@ -27,7 +26,7 @@ def saved(tmp_path):
 
 
 def test_a_complete_checkpoint_loads(saved):
-    model, meta = checkpoint.load_model(str(saved))
+    _, meta = checkpoint.load_model(str(saved))
     assert checkpoint.is_complete(str(saved)) and meta["sha256"] == checkpoint.identity(str(saved))
 
 

@@ -77,7 +77,7 @@ def submit(address: str, job: str, overrides: list[str]) -> subprocess.Completed
     for override in overrides:
         command += ["--set", override]
     for _ in range(20):  # the head's job agent comes up a few seconds after its dashboard
-        done = subprocess.run(command, cwd=REPO, env=venv_env(), capture_output=True, text=True, timeout=600)
+        done = subprocess.run(command, cwd=REPO, env=venv_env(), capture_output=True, text=True, timeout=600, check=False)
         if "No available agent" not in done.stderr:
             return done
         time.sleep(3)

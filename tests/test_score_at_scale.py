@@ -124,15 +124,16 @@ def test_a_killed_scoring_job_rerun_scores_every_input_exactly_once(ray_session,
     # A second driver on the session's Ray (RAY_ADDRESS), killed with SIGKILL once some parts are committed.
     env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address,
            "PYTHONPATH": f"{REPO / 'platform'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}  # fmt: skip
-    job_process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "killed.log", "w"))
     committed = output / COMMITTED
-    deadline = time.monotonic() + 180
-    while not (committed.exists() and len(list(committed.glob("*.json"))) >= 2):
-        assert job_process.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
-        assert time.monotonic() < deadline, "the scoring job committed no part in time"
-        time.sleep(0.05)
-    job_process.send_signal(signal.SIGKILL)
-    job_process.wait()
+    with open(tmp_path / "killed.log", "w") as log:
+        job_process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=log)
+        deadline = time.monotonic() + 180
+        while not (committed.exists() and len(list(committed.glob("*.json"))) >= 2):
+            assert job_process.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the scoring job committed no part in time"
+            time.sleep(0.05)
+        job_process.send_signal(signal.SIGKILL)
+        job_process.wait()
     before = {p.name: p.stat().st_mtime_ns for p in committed.glob("*.json")}
     total_parts = -(-63 // 3)
     assert 2 <= len(before) < total_parts, "the job must be killed part-way for this test to mean anything"

@@ -116,7 +116,7 @@ class EvaluateConfig(_Section):
 
 class ScoreConfig(_Section):
     input: Uri | None = Field(None, description="folder, s3:// prefix (recursive), or a .parquet/.csv manifest with an image column")
-    output: Uri | None = Field(None, description="default <storage>/<name>/scores")
+    output: Uri | None = Field(None, description="default <storage>/<name>/scores/<first 12 hex digits of the model's sha256>")
     checkpoint: Uri | None = Field(None, description="default: the best checkpoint of this run")
     batch_size: int = Field(64, ge=1)
     actors: int = Field(1, ge=1)

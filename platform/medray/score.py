@@ -170,7 +170,9 @@ def score(config: JobConfig) -> ScoreSummary:
     checkpoint_uri = checkpoint.resolve(s.checkpoint, config.run_dir)
     model_sha256 = checkpoint.identity(checkpoint_uri)
     calibrated = checkpoint.load_calibration(checkpoint_uri) is not None
-    output = s.output or storage.join(config.run_dir, "scores")
+    # By default one folder per model, so that scoring again after retraining starts afresh while a
+    # rerun with the same model resumes.
+    output = s.output or storage.join(config.run_dir, "scores", model_sha256[:12])
 
     committed = _read_committed(output)
     for marker in committed.values():
