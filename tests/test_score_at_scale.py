@@ -146,3 +146,23 @@ def test_a_killed_scoring_job_rerun_scores_every_input_exactly_once(ray_session,
     assert summary.parts_skipped == len(before) and summary.inputs == 63 and summary.errors == 3
     after = {p.name: p.stat().st_mtime_ns for p in committed.glob("*.json")}
     assert all(after[name] == mtime for name, mtime in before.items()), "a committed part was scored again"
+
+
+def test_rows_delivered_twice_by_a_retried_task_are_written_once(tmp_path):
+    from medray.score import _PartWriter
+
+    def rows(positions):
+        return pd.DataFrame({"image": [f"/archive/{p}.png" for p in positions], "prob_Mass": 0.5, "error": "",
+                             "_part": 0, "_part_inputs": 4, "_position": positions})  # fmt: skip
+
+    writer = _PartWriter(str(tmp_path), "0" * 64)
+    writer.add(rows([0, 1]))
+    writer.add(rows([0, 1]))  # the same block again, from a retried read or actor task
+    assert not (tmp_path / "part-00000.parquet").exists(), "a part was committed before all its inputs came"
+    writer.add(rows([3, 2]))
+    writer.add(rows([2]))  # after the commit: ignored, not a new part
+
+    written = pd.read_parquet(tmp_path / "part-00000.parquet")
+    assert written["image"].tolist() == [f"/archive/{p}.png" for p in range(4)]
+    assert json.loads((tmp_path / COMMITTED / "part-00000.json").read_text())["inputs"] == 4
+    assert not writer.pending

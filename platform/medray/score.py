@@ -133,19 +133,26 @@ class _PartWriter:
     def __init__(self, output: str, model_sha256: str):
         self.output, self.model_sha256 = output, model_sha256
         self.pending: dict[int, list[pd.DataFrame]] = {}
+        self.done: set[int] = set()
         self.rows = self.errors = self.parts = 0
         self.started = self.reported = time.monotonic()
 
     def add(self, batch: pd.DataFrame) -> None:
         for index, rows in batch.groupby("_part", sort=False):
-            frames = self.pending.setdefault(int(index), [])
+            index = int(index)
+            if index in self.done:
+                continue  # a retried task's repeat of rows already written
+            frames = self.pending.setdefault(index, [])
             frames.append(rows)
-            if sum(len(f) for f in frames) == int(rows["_part_inputs"].iloc[0]):
-                self._commit(int(index), pd.concat(self.pending.pop(int(index)), ignore_index=True))
+            # Count distinct positions, not rows: a retried read or actor task may deliver rows twice.
+            if pd.concat([f["_position"] for f in frames]).nunique() == int(rows["_part_inputs"].iloc[0]):
+                self._commit(index, pd.concat(self.pending.pop(index), ignore_index=True))
+                self.done.add(index)
 
     def _commit(self, index: int, frame: pd.DataFrame) -> None:
         # Back in the listing's order (actors finish out of order), so the digest matches the listing's.
-        frame = frame.sort_values("_position").drop(columns=["_part", "_part_inputs", "_position"]).reset_index(drop=True)
+        frame = frame.drop_duplicates("_position").sort_values("_position")
+        frame = frame.drop(columns=["_part", "_part_inputs", "_position"]).reset_index(drop=True)
         uris = frame["image"].astype(str).tolist()
         buffer = io.BytesIO()
         frame.to_parquet(buffer, index=False)
