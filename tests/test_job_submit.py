@@ -29,9 +29,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def cluster(tmp_path, ray_session):
-    """A second, separate Ray: the session's own local Ray is started first, so it never joins this one."""
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, ray_session):
+    """A second, separate Ray: the session's own local Ray is started first, so it never joins this one.
+    One head for the module's jobs."""
+    tmp_path = tmp_path_factory.mktemp("head")
     dashboard = free_port()
     # Ports of its own, so that its agents do not collide with the session's Ray on the same machine.
     gcs_port = str(free_port())
@@ -69,6 +71,19 @@ def cluster(tmp_path, ray_session):
         current.unlink()
 
 
+def submit(address: str, job: str, overrides: list[str]) -> subprocess.CompletedProcess:
+    command = [RAY, "job", "submit", "--address", address, "--runtime-env", "jobs/runtime_env.yaml", "--",
+               "python", job, "--config", "jobs/configs/demo.yaml"]  # fmt: skip
+    for override in overrides:
+        command += ["--set", override]
+    for _ in range(20):  # the head's job agent comes up a few seconds after its dashboard
+        done = subprocess.run(command, cwd=REPO, env=venv_env(), capture_output=True, text=True, timeout=600, check=False)
+        if "No available agent" not in done.stderr:
+            return done
+        time.sleep(3)
+    return done
+
+
 def test_train_job_runs_through_ray_job_submit(cluster, split_manifest_path, tmp_path):
     address, head, log = cluster
     storage = tmp_path / "runs"
@@ -76,18 +91,44 @@ def test_train_job_runs_through_ray_job_submit(cluster, split_manifest_path, tmp
         "name=submitted", f"storage={storage}", f"data.manifest={split_manifest_path}", "data.image_size=32",
         "train.epochs=1", "train.workers=1", "train.cpus_per_worker=0.5", "train.batch_size=16",
     ]  # fmt: skip
-    command = [RAY, "job", "submit", "--address", address, "--runtime-env", "jobs/runtime_env.yaml", "--",
-               "python", "jobs/train.py", "--config", "jobs/configs/demo.yaml"]  # fmt: skip
-    for override in overrides:
-        command += ["--set", override]
-    for _ in range(20):  # the head's job agent comes up a few seconds after its dashboard
-        done = subprocess.run(command, cwd=REPO, env=venv_env(), capture_output=True, text=True, timeout=600)
-        if "No available agent" not in done.stderr:
-            break
-        time.sleep(3)
+    done = submit(address, "jobs/train.py", overrides)
     assert head.poll() is None, "the Ray head stopped:\n" + log.read_text()[-3000:]
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "succeeded" in done.stdout
     best = json.loads((storage / "submitted" / "best_checkpoint.json").read_text())
     assert Path(best["checkpoint"], "model.pt").exists()
     assert (storage / "submitted" / "train.config.yaml").exists()
+
+
+def test_score_job_runs_through_ray_job_submit(cluster, demo_dir, tmp_path):
+    """A scoring job on the cluster: every file of the archive, the corrupt one included, is one row."""
+    import pandas as pd
+    import torch
+
+    from medray import checkpoint
+    from medray.models import build_model
+
+    address, head, log = cluster
+    model = tmp_path / "model"
+    model.mkdir()
+    torch.manual_seed(0)
+    meta = {"backbone": "resnet18", "labels": ["Mass", "Effusion"], "task": "multi-label", "in_channels": 1, "image_size": 32}
+    checkpoint.save(str(model), {"model": build_model("resnet18", 2, 1).state_dict()}, meta)
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    for image in sorted((demo_dir / "images").glob("*.png"))[:7]:
+        (archive / image.name).write_bytes(image.read_bytes())
+    (archive / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    output = tmp_path / "scores"
+    overrides = ["name=scored", f"storage={tmp_path / 'runs'}", f"score.input={archive}", f"score.output={output}",
+                 f"score.checkpoint={model}", "score.part_size=3", "score.batch_size=4"]  # fmt: skip
+
+    done = submit(address, "jobs/score.py", overrides)
+
+    assert head.poll() is None, "the Ray head stopped:\n" + log.read_text()[-3000:]
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "succeeded" in done.stdout and "8 inputs: 7 scored, 1 errors" in done.stdout
+    rows = pd.read_parquet(output)
+    assert len(rows) == 8 and rows["image"].is_unique
+    summary = json.loads((output / "_summary.json").read_text())
+    assert (summary["inputs"], summary["scored"], summary["errors"], summary["parts"]) == (8, 7, 1, 3)

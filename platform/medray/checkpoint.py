@@ -4,6 +4,12 @@ A checkpoint is a directory (local or ``s3://``) with ``model.pt`` — model, op
 scheduler state, loaded with ``weights_only=True`` — and ``meta.json``, which says how to rebuild
 the model (backbone, labels, input size) without the training config. The run directory's
 ``best_checkpoint.json`` names the checkpoint with the best validation mean AUROC.
+
+``manifest.json`` is written last and holds the sha256 of every other file. A checkpoint is
+complete only when its manifest is there and every file matches it, so a checkpoint cut short —
+a worker killed while saving, an upload interrupted, files copied in any order — is refused, never
+loaded. An optional ``calibration.json`` (``{"temperature": [T per model output]}``, written by
+evaluation) makes scoring divide the logits by T before the sigmoid or softmax.
 """
 
 from __future__ import annotations
@@ -20,35 +26,78 @@ from medray.losses import head_size
 from medray.models import Classifier, build_model
 
 MODEL_FILE, META_FILE, BEST_FILE = "model.pt", "meta.json", "best_checkpoint.json"
+MANIFEST_FILE = "manifest.json"
 
 
 class CheckpointError(ValueError):
     pass
 
 
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 def save(directory: str, state: dict, meta: dict) -> None:
-    """Write into a local directory that Ray Train then uploads as one checkpoint."""
-    torch.save(state, os.path.join(directory, MODEL_FILE))
-    with open(os.path.join(directory, META_FILE), "w") as f:
-        json.dump(meta, f, indent=2)
+    """Write into a local directory that Ray Train then uploads as one checkpoint; the manifest last."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    files = {MODEL_FILE: buffer.getvalue(), META_FILE: json.dumps(meta, indent=2).encode()}
+    for name, data in files.items():
+        with open(os.path.join(directory, name), "wb") as f:
+            f.write(data)
+    manifest = {"files": {name: _sha256(data) for name, data in files.items()}}
+    with open(os.path.join(directory, MANIFEST_FILE), "w") as f:
+        json.dump(manifest, f, indent=2)
+
+
+def _verified(uri: str) -> dict[str, bytes]:
+    """Every file the manifest lists, checked against it; CheckpointError if any is missing or differs."""
+    try:
+        manifest = json.loads(storage.read_text(storage.join(uri, MANIFEST_FILE)))
+    except FileNotFoundError:
+        raise CheckpointError(f"{uri} is not a complete medray checkpoint: no {MANIFEST_FILE} (cut short while saving?)") from None
+    except ValueError:
+        raise CheckpointError(f"{uri}: {MANIFEST_FILE} is not valid JSON") from None
+    files = {}
+    for name, expected in manifest.get("files", {}).items():
+        try:
+            files[name] = storage.read_bytes(storage.join(uri, name))
+        except FileNotFoundError:
+            raise CheckpointError(f"{uri} is incomplete: {name} is missing") from None
+        if _sha256(files[name]) != expected:
+            raise CheckpointError(f"{uri} is incomplete or damaged: {name} does not match its sha256 in {MANIFEST_FILE}")
+    if MODEL_FILE not in files or META_FILE not in files:
+        raise CheckpointError(f"{uri}: {MANIFEST_FILE} does not list {MODEL_FILE} and {META_FILE}")
+    return files
+
+
+def is_complete(uri: str) -> bool:
+    try:
+        _verified(uri)
+    except CheckpointError:
+        return False
+    return True
 
 
 def load_state(directory: str) -> dict:
-    return torch.load(os.path.join(directory, MODEL_FILE), map_location="cpu", weights_only=True)
+    data = _verified(directory)[MODEL_FILE]
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+def identity(uri: str) -> str:
+    """The sha256 of the checkpoint's weights: the model identity recorded next to every score."""
+    return _sha256(_verified(uri)[MODEL_FILE])
 
 
 def load_model(uri: str) -> tuple[Classifier, dict]:
     """The model of checkpoint ``uri`` in eval mode, and its metadata plus the weights' sha256."""
-    try:
-        meta = json.loads(storage.read_text(storage.join(uri, META_FILE)))
-        data = storage.read_bytes(storage.join(uri, MODEL_FILE))
-    except FileNotFoundError:
-        raise CheckpointError(f"{uri} is not a medray checkpoint (no {META_FILE} / {MODEL_FILE})") from None
+    files = _verified(uri)
+    meta, data = json.loads(files[META_FILE]), files[MODEL_FILE]
     state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     meta.setdefault("task", "multi-label")
     model = build_model(meta["backbone"], head_size(meta["task"], len(meta["labels"])), meta["in_channels"])
     model.load_state_dict(state["model"])
-    meta["sha256"] = hashlib.sha256(data).hexdigest()
+    meta["sha256"] = _sha256(data)
     return model.eval(), meta
 
 

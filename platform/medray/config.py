@@ -159,11 +159,22 @@ class EvaluateConfig(_Section):
 
 
 class ScoreConfig(_Section):
-    input: Uri | None = Field(None, description="folder or s3:// prefix of images")
-    output: Uri | None = Field(None, description="default <storage>/<name>/scores")
+    input: Uri | None = Field(None, description="folder, s3:// prefix (recursive), or a .parquet/.csv manifest with an image column")
+    output: Uri | None = Field(None, description="default <storage>/<name>/scores/<first 12 hex digits of the model's sha256>")
     checkpoint: Uri | None = Field(None, description="default: the best checkpoint of this run")
     batch_size: int = Field(64, ge=1)
     actors: int = Field(1, ge=1)
+    cpus_per_actor: float = Field(1.0, gt=0, description="each actor decodes with one thread per CPU")
+    part_size: int = Field(1000, ge=1, description="inputs per output part; a rerun skips committed parts")
+    extensions: list[str] = Field(
+        [".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm"], description="files scored when listing a folder or prefix"
+    )
+
+
+class TrackingConfig(_Section):
+    tensorboard: bool = Field(True, description="training metrics as TensorBoard files in <run>/tensorboard")
+    mlflow_uri: str | None = Field(None, description="MLflow tracking URI; needs the mlflow package installed")
+    mlflow_experiment: str = "medray"
 
 
 class SweepConfig(_Section):
@@ -251,6 +262,7 @@ class JobConfig(_Section):
     s3: S3Config = S3Config()
     wsi: WsiConfig = WsiConfig()
     audit: AuditConfig = AuditConfig()
+    tracking: TrackingConfig = TrackingConfig()
 
     @property
     def run_dir(self) -> str:

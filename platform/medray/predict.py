@@ -7,18 +7,20 @@ never a missing row.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import ray
 import torch
 
 from medray import checkpoint, images
 from medray.calibration import load_temperature
-from medray.losses import probabilities
+from medray.losses import head_size, probabilities
 from medray.models import to_input
 
 
 class Predictor:
-    def __init__(self, checkpoint_uri: str, calibrated: bool = True):
+    def __init__(self, checkpoint_uri: str, calibrated: bool = True, decode_threads: int = 1):
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         model, self.meta = checkpoint.load_model(checkpoint_uri)
         if self.device.type == "cuda":
@@ -26,27 +28,43 @@ class Predictor:
         self.model = model
         self.labels, self.size, self.channels = self.meta["labels"], self.meta["image_size"], self.meta["in_channels"]
         # The checkpoint's calibration.json (see medray.calibration); evaluation reads raw outputs to fit it.
+        self.temperature = None
         temperature = load_temperature(checkpoint_uri) if calibrated else None
-        self.temperature = None if temperature is None else torch.tensor(temperature, device=self.device)
+        if temperature is not None:
+            outputs = head_size(self.meta["task"], len(self.labels))
+            if len(temperature) != outputs:
+                raise checkpoint.CheckpointError(f"{checkpoint_uri}: {len(temperature)} temperatures for {outputs} model outputs")
+            self.temperature = torch.tensor(temperature, dtype=torch.float32, device=self.device)
+        # Pillow releases the GIL while decoding and resizing, so threads keep a GPU actor fed.
+        self.pool = ThreadPoolExecutor(decode_threads) if decode_threads > 1 else None
+
+    def _load(self, uri) -> np.ndarray | str:
+        try:
+            return images.load(str(uri), self.size, self.channels)
+        except images.ImageError as err:
+            return str(err)
+        except Exception as err:  # noqa: BLE001 — one odd file must not fail the batch; no content in its reason
+            return f"{uri}: cannot be decoded ({err.__class__.__name__})"
 
     def __call__(self, batch: dict) -> dict:
         n = len(batch["image"])
         shape = (n, self.size, self.size) if self.channels == 1 else (n, self.size, self.size, self.channels)
         pixels = np.zeros(shape, dtype=np.uint8)
         errors = np.full(n, "", dtype=object)
-        for i, uri in enumerate(batch["image"]):
-            try:
-                pixels[i] = images.load(str(uri), self.size, self.channels)
-            except images.ImageError as err:
-                errors[i] = str(err)
+        loaded = self.pool.map(self._load, batch["image"]) if self.pool else map(self._load, batch["image"])
+        for i, result in enumerate(loaded):
+            if isinstance(result, str):
+                errors[i] = result
+            else:
+                pixels[i] = result
         ok = errors == ""
         probs = np.full((n, len(self.labels)), np.nan, dtype=np.float32)
         if ok.any():
             x = to_input(torch.from_numpy(pixels[ok]), self.device)
             with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-                logits = self.model(x)
+                logits = self.model(x).float()
                 if self.temperature is not None:
-                    logits = logits.float() / self.temperature
+                    logits = logits / self.temperature
                 probs[ok] = probabilities(self.meta["task"], logits).cpu().numpy()
         out = dict(batch)
         out.update({f"prob_{label}": probs[:, j] for j, label in enumerate(self.labels)})
@@ -55,16 +73,19 @@ class Predictor:
         return out
 
 
-def predict(ds: ray.data.Dataset, checkpoint_uri: str, batch_size: int = 64, actors: int = 1, calibrated: bool = True) -> ray.data.Dataset:
-    """``ds`` must have an ``image`` column of URIs; other columns pass through. ``calibrated``: apply the
-    checkpoint's temperatures where it has them."""
+def predict(
+    ds: ray.data.Dataset, checkpoint_uri: str, batch_size: int = 64, actors: int = 1, calibrated: bool = True, cpus: float = 1.0
+) -> ray.data.Dataset:
+    """``ds`` must have an ``image`` column of URIs; other columns pass through. ``calibrated`` applies
+    the checkpoint's temperatures where it has them; each actor decodes with one thread per CPU it is given."""
     use_gpu = bool(ray.cluster_resources().get("GPU", 0))
     return ds.map_batches(
         Predictor,
-        fn_constructor_kwargs={"checkpoint_uri": checkpoint_uri, "calibrated": calibrated},
+        fn_constructor_kwargs={"checkpoint_uri": checkpoint_uri, "calibrated": calibrated, "decode_threads": max(1, int(cpus))},
         batch_size=batch_size,
         compute=ray.data.ActorPoolStrategy(size=actors),
         num_gpus=1 if use_gpu else 0,
+        num_cpus=cpus,
     )
 
 

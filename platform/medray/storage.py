@@ -12,6 +12,8 @@ from __future__ import annotations
 import functools
 import os
 import posixpath
+import uuid
+from collections.abc import Iterator
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
@@ -115,3 +117,46 @@ def list_files(uri: str, extensions: tuple[str, ...] | None = None) -> list[str]
 
 def basename(uri: str) -> str:
     return posixpath.basename(str(uri).rstrip("/"))
+
+
+def iter_files(uri: str, extensions: tuple[str, ...] | None = None) -> Iterator[str]:
+    """Like ``list_files``, but yielded as the listing goes, in a stable order (S3: key order, local:
+    sorted walk), so a prefix with millions of keys is consumed page by page, never held whole."""
+    exts = tuple(e.lower() for e in extensions) if extensions else None
+    wanted = (lambda name: name.lower().endswith(exts)) if exts else (lambda name: True)
+    uri = str(uri)
+    if is_s3(uri):
+        import boto3  # honours AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL, like pyarrow here
+
+        bucket, _, prefix = uri[len(S3):].partition("/")
+        prefix = prefix.rstrip("/") + "/" if prefix else ""
+        pages = boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        for page in pages:
+            for item in page.get("Contents", []):
+                if not item["Key"].endswith("/") and wanted(item["Key"]):
+                    yield f"{S3}{bucket}/{item['Key']}"
+        return
+    root = absolute(uri)
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"{uri}: no such folder")
+    for directory, subdirs, files in os.walk(root):
+        subdirs.sort()
+        for name in sorted(files):
+            if wanted(name):
+                yield os.path.join(directory, name)
+
+
+def write_atomic(uri: str, data: bytes) -> None:
+    """Readers see the whole file or none of it: locally a hidden temporary file renamed into place;
+    on S3 a single PUT, which S3 makes visible only once complete."""
+    if is_s3(uri):
+        write_bytes(uri, data)
+        return
+    path = absolute(uri)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    temporary = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+    with open(temporary, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)

@@ -9,7 +9,10 @@ and a checkpoint. Submitting the same run again resumes from its latest checkpoi
 from __future__ import annotations
 
 import gc
+import json
 import logging
+import os
+import socket
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -21,7 +24,7 @@ import torch
 import torch.distributed as dist
 from ray.train.torch import TorchTrainer
 
-from medray import checkpoint, freezing, storage
+from medray import checkpoint, freezing, storage, tracking
 from medray.cache import training_data
 from medray.config import JobConfig
 from medray.data import augmented, resampled
@@ -74,6 +77,13 @@ def _progress(line: str) -> None:
     sys.__stdout__.flush()
 
 
+def _record_worker(run_dir: str, rank: int, epoch: int, first_epoch: int) -> None:
+    """``<run>/workers/rank<r>-pid<p>.json``: which process runs which epoch, so an operator (or a test)
+    can see restarts and which epoch a restarted worker group resumed from."""
+    status = {"rank": rank, "pid": os.getpid(), "host": socket.gethostname(), "epoch": epoch, "first_epoch": first_epoch}
+    storage.write_text(storage.join(run_dir, "workers", f"rank{rank}-pid{os.getpid()}.json"), json.dumps(status))
+
+
 def _worker_loop(cfg: dict) -> None:
     _quiet_console()
     config = JobConfig.model_validate(cfg["config"])
@@ -102,8 +112,10 @@ def _worker_loop(cfg: dict) -> None:
     freezing.apply(bare, m.freeze, start, m.freeze_stages, m.unfreeze_every)
     model = ray.train.torch.prepare_model(bare)
     loss_fn = cfg["loss"].to(device)
+    tracker = tracking.Tracker(config) if rank == 0 else None
 
     for epoch in range(start, t.epochs):
+        _record_worker(config.run_dir, rank, epoch, start)
         if freezing.apply(bare, m.freeze, epoch, m.freeze_stages, m.unfreeze_every):
             # DDP registers the trainable parameters when it wraps the model: wrap again after unfreezing,
             # and collect the old wrapper first so that its gradient hooks are gone.
@@ -156,6 +168,10 @@ def _worker_loop(cfg: dict) -> None:
                 aurocs = ", ".join(f"{k} {v:.3f}" for k, v in per_label.items())
                 _progress(f"epoch {epoch + 1}/{t.epochs}: loss {metrics['train_loss']:.4f}, val AUROC {metrics[SCORE]:.3f} ({aurocs})")
             ray.train.report(metrics, checkpoint=saved, checkpoint_dir_name=f"epoch_{epoch:03d}")
+        if tracker:
+            tracker.log(metrics, epoch)
+    if tracker:
+        tracker.close()
 
 
 def _run_config(config: JobConfig, callbacks: list | None) -> ray.train.RunConfig:
@@ -210,6 +226,7 @@ def build_trainer(config: JobConfig, callbacks: list | None = None) -> TorchTrai
 
 def train(config: JobConfig, callbacks: list | None = None) -> TrainResult:
     """Train (or resume) the run; record its best checkpoint by validation mean AUROC."""
+    tracking.check(config.tracking)
     build = build_trainer
     if config.wsi.patches:  # whole-slide images: patches from Parquet shards (medray.wsi.training)
         from medray.wsi.training import build_patch_trainer as build
