@@ -115,6 +115,18 @@ def test_temperatures_in_calibration_json_divide_the_logits(ray_session, demo_di
         np.testing.assert_allclose(cal[f"prob_{label}"], expected, atol=2e-3)
 
 
+def test_grad_cam_overlays_for_the_highest_scored_inputs_beside_the_scores(ray_session, demo_dir, model_dir, tmp_path):
+    folder = archive(tmp_path / "archive", demo_dir, 4)
+
+    summary = score(job(tmp_path, model_dir, str(folder), str(tmp_path / "out"), gradcam_threshold=0.01, gradcam_max=2))
+
+    overlays = sorted((tmp_path / "out" / "_gradcam").glob("*.png"))
+    assert summary.gradcam == len(overlays) == 2 * len(LABELS)  # every untrained score passes 0.01; 2 per label
+    assert {p.name.rsplit(".", 2)[1] for p in overlays} == set(LABELS)
+    assert all(p.read_bytes().startswith(b"\x89PNG") for p in overlays)
+    assert len(read_rows(summary.output)) == summary.inputs == 7  # the overlays are not read as scores
+
+
 def test_a_killed_scoring_job_rerun_scores_every_input_exactly_once(ray_session, demo_dir, model_dir, tmp_path):
     folder = archive(tmp_path / "archive", demo_dir, 60)
     output = tmp_path / "scores"

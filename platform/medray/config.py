@@ -169,6 +169,10 @@ class ScoreConfig(_Section):
     extensions: list[str] = Field(
         [".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm"], description="files scored when listing a folder or prefix"
     )
+    gradcam_threshold: float | None = Field(
+        None, gt=0, lt=1, description="write Grad-CAM PNGs (<output>/_gradcam/) for inputs with a probability at or above this"
+    )
+    gradcam_max: int = Field(100, ge=1, description="at most this many Grad-CAM images per label, the highest scores first")
 
 
 class TrackingConfig(_Section):

@@ -40,7 +40,7 @@ from medray.config import JobConfig
 from medray.predict import predict
 
 log = logging.getLogger(__name__)
-COMMITTED, LISTING, SUMMARY = "_committed", "_listing.json", "_summary.json"
+COMMITTED, LISTING, SUMMARY, GRADCAM = "_committed", "_listing.json", "_summary.json", "_gradcam"
 MANIFEST_SUFFIXES = (".parquet", ".csv")
 
 
@@ -58,6 +58,7 @@ class ScoreSummary:
     parts_skipped: int = 0
     model_sha256: str = ""
     calibrated: bool = False
+    gradcam: int = 0  # overlays written (score.gradcam_threshold)
     seconds: float = 0.0
 
 
@@ -201,11 +202,30 @@ def score(config: JobConfig) -> ScoreSummary:
         raise ScoreError(f"{output}: parts {sorted(writer.pending)} came back incomplete")
 
     summary = _verify(output, ScoreSummary(output, 0, 0, 0, 0, len(committed), model_sha256, calibrated))
+    if s.gradcam_threshold is not None:
+        summary.gradcam = len(_gradcam(output, checkpoint_uri, s.gradcam_threshold, s.gradcam_max))
     summary.seconds = round(time.monotonic() - started, 2)
     storage.write_atomic(storage.join(output, SUMMARY), json.dumps(asdict(summary), indent=2).encode())
     log.info("scoring summary: %d inputs, %d scored, %d errors, %d parts (%d from earlier runs) → %s",
              summary.inputs, summary.scored, summary.errors, summary.parts, summary.parts_skipped, output)  # fmt: skip
     return summary
+
+
+def _gradcam(output: str, checkpoint_uri: str, threshold: float, most: int) -> list[str]:
+    """Grad-CAM overlays for the inputs a reader will look at first: those scored at or above ``threshold``."""
+    from medray.explain import write_overlays
+
+    fs, path = storage.filesystem(output)
+    scores = pq.read_table(path, filesystem=fs).to_pandas()
+    scores = scores[scores["error"] == ""]
+    written = []
+    for column in (c for c in scores.columns if c.startswith("prob_")):
+        flagged = scores[scores[column] >= threshold].nlargest(most, column)
+        if len(flagged):
+            label = column.removeprefix("prob_")
+            written += write_overlays(checkpoint_uri, flagged["image"].tolist(), storage.join(output, GRADCAM), [label])
+    log.info("Grad-CAM: %d overlays for inputs scored at or above %.2f → %s", len(written), threshold, storage.join(output, GRADCAM))
+    return written
 
 
 def _verify(output: str, summary: ScoreSummary) -> ScoreSummary:

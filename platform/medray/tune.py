@@ -40,10 +40,15 @@ def _trial(params: dict, base: dict, sweep_dir: str) -> None:
     from medray.train import train
 
     trial_id = tune.get_context().get_trial_id()
+    marker = storage.join(sweep_dir, "finished", f"{trial_id}.json")
+    if storage.exists(marker):
+        # It finished, but the sweep was interrupted before Tune recorded that: report, don't retrain.
+        tune.report(json.loads(storage.read_text(marker)))
+        return
     config = build_config(merge(base, {**nest(params), "name": trial_id, "storage": storage.join(sweep_dir, "trials")}))
     result = train(config, callbacks=[TuneReportCallback()])
     # A marker written last: a trial that has it finished, and a restored sweep must not run it again.
-    storage.write_text(storage.join(sweep_dir, "finished", f"{trial_id}.json"), json.dumps(result.metrics, default=float))
+    storage.write_text(marker, json.dumps(result.metrics, default=float))
 
 
 def _tuner(spec: SweepSpec, base: dict, sweep_dir: str, epochs: int):
