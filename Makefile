@@ -20,6 +20,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/decode_resize.py
+	$(BIN)/python benchmarks/cache_epoch.py
+	$(BIN)/python benchmarks/score_scale.py
+	$(BIN)/python benchmarks/wsi_extract.py
+	$(BIN)/python benchmarks/patient_bootstrap.py
 
 clean:
 	rm -rf runs .pytest_cache
