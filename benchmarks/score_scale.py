@@ -83,7 +83,8 @@ def medray_run(args) -> None:
     sampler.start()
     config = build_config({"storage": args.out, "score": {
         "input": args.folder, "output": os.path.join(args.out, "scores"), "checkpoint": args.checkpoint,
-        "batch_size": args.batch_size, "actors": args.cpus, "part_size": args.part_size}})  # fmt: skip
+        "batch_size": args.batch_size, "actors": args.actors, "cpus_per_actor": args.cpus / args.actors,
+        "part_size": args.part_size}})  # fmt: skip
     start = time.perf_counter()
     summary = score(config)
     seconds = time.perf_counter() - start
@@ -113,13 +114,14 @@ def plain_loop(paths: list[str], checkpoint_uri: str, batch_size: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--images", type=int, default=200, help="files in the 1× archive")
+    parser.add_argument("--images", type=int, default=500, help="files in the 1× archive")
     parser.add_argument("--scale", type=int, default=10)
     parser.add_argument("--source-size", type=int, default=512, help="pixel size of the archive's PNGs")
     parser.add_argument("--size", type=int, default=128, help="model input size")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--part-size", type=int, default=200)
     parser.add_argument("--cpus", type=int, default=os.cpu_count())
+    parser.add_argument("--actors", type=int, default=1, help="scoring actors; the CPUs are shared among them")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     for name in ("--folder", "--out", "--checkpoint"):
         parser.add_argument(name, help=argparse.SUPPRESS)
@@ -155,7 +157,7 @@ def main() -> None:
         for label, folder in (("1x", base), (f"{args.scale}x", scaled)):
             out = os.path.join(work, f"out-{label}")
             command = [sys.executable, __file__, "--child", "--folder", folder, "--out", out, "--checkpoint", model_dir,
-                       "--cpus", str(args.cpus), "--batch-size", str(args.batch_size), "--part-size", str(args.part_size)]  # fmt: skip
+                       "--cpus", str(args.cpus), "--actors", str(args.actors), "--batch-size", str(args.batch_size), "--part-size", str(args.part_size)]  # fmt: skip
             done = subprocess.run(command, capture_output=True, text=True, check=False)
             if done.returncode:
                 sys.exit(f"medray run {label} failed:\n{done.stderr[-3000:]}")
