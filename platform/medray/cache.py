@@ -128,10 +128,7 @@ def freshness(cache_uri: str, manifest_uri: str, size: int, channels: int) -> st
 
 
 def _shards(cache_uri: str) -> list[str]:
-    fs, path = storage.filesystem(storage.join(cache_uri, SHARDS))
-    prefix = storage.S3 if storage.is_s3(cache_uri) else ""
-    infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-    return sorted(prefix + i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(".parquet"))
+    return storage.list_files(storage.join(cache_uri, SHARDS), (".parquet",))
 
 
 def _pixels(column: pa.ChunkedArray, shape: tuple[int, ...]) -> np.ndarray:

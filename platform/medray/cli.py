@@ -113,14 +113,21 @@ def _job_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.epochs=3")
 
 
-def _run(verb: str, args: argparse.Namespace) -> None:
-    _setup_logging()
+def _start(verb: str, config_path: str | None, overrides: list[str]) -> JobConfig:
+    """The validated config (or a one-line error naming the field), then Ray — with the S3 endpoint set
+    first, so that Ray's workers inherit it."""
     try:
-        config = load_config(args.config, args.set)
+        config = load_config(config_path, overrides)
     except ConfigError as err:
         sys.exit(f"medray {verb}: {err}")
-    storage.configure_s3(config.s3.endpoint_url, config.s3.region)  # before Ray, so workers inherit it
+    storage.configure_s3(config.s3.endpoint_url, config.s3.region)
     init_ray()
+    return config
+
+
+def _run(verb: str, args: argparse.Namespace) -> None:
+    _setup_logging()
+    config = _start(verb, args.config, args.set)
     save_config(config, storage.join(config.run_dir, f"{verb}.config.yaml"))
     JOBS[verb](config)
 
@@ -133,12 +140,7 @@ def _ingest(args: argparse.Namespace) -> None:
         overrides.append(f"ingest.format={args.format}")
     if args.labels:
         overrides.append(f"ingest.labels={json.dumps(args.labels.split(','))}")
-    try:
-        config = load_config(args.config, overrides)
-    except ConfigError as err:
-        sys.exit(f"medray ingest: {err}")
-    storage.configure_s3(config.s3.endpoint_url, config.s3.region)  # before Ray, so workers inherit it
-    init_ray()
+    config = _start("ingest", args.config, overrides)
     result = ingest(storage.absolute(args.source), storage.absolute(args.out), config.ingest)
     print(f"{result.balance}\nmanifest: {result.manifest}\nquarantine: {result.quarantine}")
 
@@ -260,11 +262,7 @@ def main(argv: list[str] | None = None) -> None:
 def _audit(args: argparse.Namespace) -> None:
     from medray.audit import audit
 
-    try:
-        config = load_config(args.config, args.set)
-    except ConfigError as err:
-        sys.exit(f"medray audit: {err}")
-    init_ray()
+    config = _start("audit", args.config, args.set)
     out = storage.absolute(args.out) if args.out else storage.join(config.run_dir, "audit")
     distance = config.audit.max_distance if args.max_distance is None else args.max_distance
     try:
@@ -309,11 +307,7 @@ def _explain(args: argparse.Namespace) -> None:
 def _compare(args: argparse.Namespace) -> None:
     from medray.compare import compare
 
-    try:
-        config = load_config(args.config, args.set)
-    except ConfigError as err:
-        sys.exit(f"medray compare: {err}")
-    init_ray()
+    config = _start("compare", args.config, args.set)
     table, paths = compare(config, storage.absolute(args.a), storage.absolute(args.b))
     print(table[["auroc_a", "auroc_b", "difference", "p_value", "difference_lo", "difference_hi"]].round(4).to_string())
     print(f"→ {paths['compare.md']}")

@@ -20,7 +20,10 @@ from medray.models import to_input
 
 
 class Predictor:
-    def __init__(self, checkpoint_uri: str, calibrated: bool = True, decode_threads: int = 1):
+    def __init__(self, checkpoint_uri: str, calibrated: bool = True, decode_threads: int = 1, encoded: str | None = None):
+        # ``encoded``: a column of encoded image bytes (e.g. whole-slide patches) to score instead of the
+        # files the ``image`` column names; it is dropped from the output.
+        self.encoded = encoded
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         model, self.meta = checkpoint.load_model(checkpoint_uri)
         if self.device.type == "cuda":
@@ -38,8 +41,11 @@ class Predictor:
         # Pillow releases the GIL while decoding and resizing, so threads keep a GPU actor fed.
         self.pool = ThreadPoolExecutor(decode_threads) if decode_threads > 1 else None
 
-    def _load(self, uri) -> np.ndarray | str:
+    def _load(self, source) -> np.ndarray | str:
+        uri = "encoded image" if self.encoded else source
         try:
+            if self.encoded:
+                return images.decode(source, uri, self.size, self.channels)
             return images.load(str(uri), self.size, self.channels)
         except images.ImageError as err:
             return str(err)
@@ -51,7 +57,8 @@ class Predictor:
         shape = (n, self.size, self.size) if self.channels == 1 else (n, self.size, self.size, self.channels)
         pixels = np.zeros(shape, dtype=np.uint8)
         errors = np.full(n, "", dtype=object)
-        loaded = self.pool.map(self._load, batch["image"]) if self.pool else map(self._load, batch["image"])
+        sources = batch[self.encoded] if self.encoded else batch["image"]
+        loaded = self.pool.map(self._load, sources) if self.pool else map(self._load, sources)
         for i, result in enumerate(loaded):
             if isinstance(result, str):
                 errors[i] = result
@@ -66,7 +73,7 @@ class Predictor:
                 if self.temperature is not None:
                     logits = logits / self.temperature
                 probs[ok] = probabilities(self.meta["task"], logits).cpu().numpy()
-        out = dict(batch)
+        out = {k: v for k, v in batch.items() if k != self.encoded}
         out.update({f"prob_{label}": probs[:, j] for j, label in enumerate(self.labels)})
         out["error"] = errors
         out["model_sha256"] = np.full(n, self.meta["sha256"], dtype=object)  # which model made each score
@@ -74,14 +81,22 @@ class Predictor:
 
 
 def predict(
-    ds: ray.data.Dataset, checkpoint_uri: str, batch_size: int = 64, actors: int = 1, calibrated: bool = True, cpus: float = 1.0
+    ds: ray.data.Dataset,
+    checkpoint_uri: str,
+    batch_size: int = 64,
+    actors: int = 1,
+    calibrated: bool = True,
+    cpus: float = 1.0,
+    encoded: str | None = None,
 ) -> ray.data.Dataset:
-    """``ds`` must have an ``image`` column of URIs; other columns pass through. ``calibrated`` applies
-    the checkpoint's temperatures where it has them; each actor decodes with one thread per CPU it is given."""
+    """``ds`` must have an ``image`` column of URIs (or ``encoded``, a column of image bytes); other
+    columns pass through. ``calibrated`` applies the checkpoint's temperatures where it has them; each
+    actor decodes with one thread per CPU it is given."""
     use_gpu = bool(ray.cluster_resources().get("GPU", 0))
     return ds.map_batches(
         Predictor,
-        fn_constructor_kwargs={"checkpoint_uri": checkpoint_uri, "calibrated": calibrated, "decode_threads": max(1, int(cpus))},
+        fn_constructor_kwargs={"checkpoint_uri": checkpoint_uri, "calibrated": calibrated, "decode_threads": max(1, int(cpus)),
+                               "encoded": encoded},
         batch_size=batch_size,
         compute=ray.data.ActorPoolStrategy(size=actors),
         num_gpus=1 if use_gpu else 0,

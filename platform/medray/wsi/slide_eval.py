@@ -20,17 +20,15 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import ray
-import torch
 from PIL import Image
 
 from medray import checkpoint, splits, storage
 from medray.config import JobConfig
-from medray.losses import probabilities
 from medray.metrics import auroc, label_table
-from medray.models import to_input
+from medray.predict import predict, prob_columns
 from medray.report import Figure, Section, plots, write_report
 from medray.wsi.extract import slide_key
-from medray.wsi.training import decode_patches, shard_uris
+from medray.wsi.training import shard_uris
 
 log = logging.getLogger(__name__)
 HEATMAPS_SHOWN = 12
@@ -55,40 +53,17 @@ def slide_scores(patch_scores: pd.DataFrame, prob_columns: list[str], how: str =
     return patch_scores.groupby("image")[prob_columns].agg(lambda s: aggregate(s, how, k))
 
 
-class PatchPredictor:
-    """Loads the checkpoint once per actor; patch PNGs in, one probability per label out."""
-
-    def __init__(self, checkpoint_uri: str):
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model, self.meta = checkpoint.load_model(checkpoint_uri)
-        self.model = self.model.to(self.device)
-
-    def __call__(self, batch: dict) -> dict:
-        labels = self.meta["labels"]
-        keep = np.isin(batch["split"], ["val", "test"])
-        batch = {k: v[keep] for k, v in batch.items()}
-        pixels, bad = decode_patches(batch["patch"], self.meta["image_size"], self.meta["in_channels"])
-        probs = np.full((len(pixels), len(labels)), np.nan, np.float32)
-        if (~bad).any():
-            x = to_input(torch.from_numpy(pixels[~bad]), self.device)
-            with torch.inference_mode():
-                probs[~bad] = probabilities(self.meta["task"], self.model(x)).cpu().numpy()
-        out = {k: v for k, v in batch.items() if k != "patch"}
-        out.update({f"prob_{label}": probs[:, j] for j, label in enumerate(labels)})
-        return out
+def _held_out(batch: dict) -> dict:
+    keep = np.isin(batch["split"], ["val", "test"])
+    return {k: v[keep] for k, v in batch.items()}
 
 
 def predict_patches(patches: str, checkpoint_uri: str, batch_size: int = 64) -> pd.DataFrame:
-    """Probabilities for every val and test patch, with its slide and position."""
+    """Raw probabilities for every val and test patch, with its slide and position."""
     fs, _ = storage.filesystem(patches)
     paths = [storage.filesystem(u)[1] for u in shard_uris(patches)]
     ds = ray.data.read_parquet(paths, filesystem=fs, columns=["image", "split", "x", "y", "size", "patch"])
-    return ds.map_batches(
-        PatchPredictor,
-        fn_constructor_kwargs={"checkpoint_uri": checkpoint_uri},
-        batch_size=batch_size,
-        compute=ray.data.ActorPoolStrategy(size=1),
-    ).to_pandas()
+    return predict(ds.map_batches(_held_out), checkpoint_uri, batch_size, calibrated=False, encoded="patch").to_pandas()
 
 
 def heatmap(thumbnail: np.ndarray, downsample: float, patches: pd.DataFrame, column: str, ax):
@@ -144,7 +119,7 @@ def evaluate_slides(config: JobConfig):
     patches, w = config.wsi.patches, config.wsi
     checkpoint_uri = checkpoint.resolve(config.evaluate.checkpoint, config.run_dir)
     labels = patch_labels(patches)
-    probs = [f"prob_{label}" for label in labels]
+    probs = prob_columns(labels)
     slides = pd.read_parquet(io.BytesIO(storage.read_bytes(storage.join(patches, "slides.parquet"))))
     scored = predict_patches(patches, checkpoint_uri, config.evaluate.batch_size)
     per_slide = slide_scores(scored, probs, w.aggregate, w.top_k)

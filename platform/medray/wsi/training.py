@@ -9,7 +9,6 @@ extraction left half-written never reaches training.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -17,10 +16,9 @@ import os
 import numpy as np
 import pyarrow.dataset as pads
 import ray
-from PIL import Image
 from ray.train.torch import TorchTrainer
 
-from medray import storage
+from medray import images, storage
 from medray.augment import augment_batch
 from medray.config import JobConfig
 from medray.losses import make_loss
@@ -61,12 +59,9 @@ def decode_patches(encoded, size: int, channels: int) -> tuple[np.ndarray, np.nd
     bad = np.zeros(n, dtype=bool)
     for i, data in enumerate(encoded):
         try:
-            image = Image.open(io.BytesIO(data)).convert("L" if channels == 1 else "RGB")
-            if image.size != (size, size):
-                image = image.resize((size, size), Image.Resampling.BILINEAR)
-            pixels[i] = np.asarray(image)
-        except (OSError, ValueError) as err:
-            log.warning("skipping unreadable patch: %s", err.__class__.__name__)
+            pixels[i] = images.decode(data, "patch", size, channels)
+        except images.ImageError as err:
+            log.warning("skipping unreadable patch: %s", err)
             bad[i] = True
     return pixels, bad
 
