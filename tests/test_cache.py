@@ -98,7 +98,7 @@ def test_training_takes_the_cache_and_the_chosen_fold(demo_manifest, tmp_path, c
     assert val == int((frame["fold"] == 2).sum())
 
 
-def test_a_cache_on_s3_is_prepared_and_read(s3, prepared):
+def test_a_cache_on_s3_is_prepared_and_read(s3, prepared, caplog):
     client, bucket = s3
     manifest = read_manifest(prepared)
     small = manifest.frame.groupby("split").head(6).reset_index(drop=True)
@@ -109,6 +109,8 @@ def test_a_cache_on_s3_is_prepared_and_read(s3, prepared):
     keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="cache-test/cache/")["Contents"]]
     assert "cache-test/cache/medray_cache.json" in keys and any(k.endswith(".parquet") for k in keys)
     assert freshness(cache, manifest_uri, SIZE, 1) is None
+    caplog.set_level(logging.INFO, logger="medray.cache")
     got = collect(training_data(Manifest(small, manifest.labels), "val", manifest_uri, SIZE, cache_uri=cache))
     want = sorted(images.load(u, SIZE).tobytes() for u in small.loc[small["split"] == "val", "image"])
     assert sorted(got["pixels"]) == want
+    assert "val split: reading the prepared cache" in caplog.text  # not a silent fallback to the source

@@ -9,12 +9,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+
 from medray.cli import main
 from medray.compare import compare
 from medray.config import build_config
 from medray.evaluate import evaluate
 from medray.labels import attach
 from medray.manifest import read_manifest, write_manifest
+from medray.metrics import predictive_values
 from medray.train import train
 
 SECTIONS = ("summary", "data", "audit", "ground-truth", "metrics", "curves", "calibration", "subgroups", "errors", "model-card")
@@ -50,7 +52,8 @@ def test_metrics_json_holds_each_label_with_patient_intervals_prevalence_and_cal
         if row["auroc"] is not None:
             assert row["auroc_lo"] <= row["auroc"] <= row["auroc_hi"]
     mass = metrics["labels"]["Mass"]
-    assert mass["deployment_prevalence"] == 0.02 and mass["deployment_ppv"] is not None
+    assert mass["deployment_prevalence"] == 0.02
+    assert mass["deployment_ppv"] == pytest.approx(predictive_values(mass["sensitivity"], mass["specificity"], 0.02)[0])
     temperature = json.loads(Path(metrics["calibration"]["file"]).read_text())["temperature"]
     assert len(temperature) == len(labels) and all(t > 0 for t in temperature)
     assert metrics["audit"]["passed"] is False

@@ -115,3 +115,10 @@ def resolve(explicit: str | None, run_dir: str) -> str:
     if not storage.exists(pointer):
         raise CheckpointError(f"no checkpoint given and {pointer} does not exist: train this run first")
     return json.loads(storage.read_text(pointer))["checkpoint"]
+
+
+def locate(reference: str) -> str:
+    """A checkpoint directory as given, or the best checkpoint of a run directory."""
+    if storage.exists(storage.join(reference, META_FILE)):
+        return reference
+    return resolve(None, reference)

@@ -294,11 +294,10 @@ def _consensus(args: argparse.Namespace) -> None:
 
 
 def _explain(args: argparse.Namespace) -> None:
-    from medray.checkpoint import META_FILE, resolve
+    from medray.checkpoint import locate
     from medray.explain import write_overlays
 
-    uri = storage.absolute(args.checkpoint)
-    uri = uri if storage.exists(storage.join(uri, META_FILE)) else resolve(None, uri)
+    uri = locate(storage.absolute(args.checkpoint))
     labels = args.labels.split(",") if args.labels else None
     for path in write_overlays(uri, [storage.absolute(i) for i in args.images], storage.absolute(args.out), labels):
         print(path)

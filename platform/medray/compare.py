@@ -19,18 +19,11 @@ from medray.predict import predict
 from medray.report.document import markdown_table
 
 
-def resolve(reference: str) -> str:
-    """A checkpoint directory as given, or the best checkpoint of a run directory."""
-    if storage.exists(storage.join(reference, checkpoint.META_FILE)):
-        return reference
-    return checkpoint.resolve(None, reference)
-
-
 def compare(config: JobConfig, a: str, b: str, out_dir: str | None = None) -> tuple[pd.DataFrame, dict[str, str]]:
     """Per label: both AUROCs, DeLong's z and p, and the paired patient-bootstrap interval of A − B,
     on the test split of ``config.manifest``; written as ``compare.md`` and ``compare.json``."""
     manifest = read_manifest(config.manifest)
-    labels, checkpoints = manifest.labels, {"a": resolve(a), "b": resolve(b)}
+    labels, checkpoints = manifest.labels, {"a": checkpoint.locate(a), "b": checkpoint.locate(b)}
     test = manifest.split("test")[["image", "patient_id", *labels]]
     scored = {}
     for key, uri in checkpoints.items():

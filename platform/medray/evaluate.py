@@ -72,20 +72,24 @@ def calibration_table(task: str, labels, val_y, val_p, test_y, test_p, bins: int
     return pd.DataFrame(rows_).set_index("label"), calibrated, temperature
 
 
+UNANIMOUS_COLUMNS = ["images", "positives", "auroc", "auroc_lo", "auroc_hi", "sensitivity", "specificity"]
+
+
 def unanimous_table(test: pd.DataFrame, labels: list[str], table: pd.DataFrame, resamples: int, seed: int) -> pd.DataFrame:
     """AUROC, sensitivity and specificity on all test images beside those the raters agreed on unanimously."""
     out = []
     for label in labels:
         if f"agreement_{label}" not in test:
             continue
-        threshold = table.loc[label, "threshold"]
-        for subset, part in (("all", test), ("unanimous", test[test[f"agreement_{label}"] == "unanimous"])):
-            y, p = part[label].to_numpy(float), part[f"prob_{label}"].to_numpy(float)
-            lo, hi = intervals.bootstrap_intervals(y, p, part["patient_id"], threshold, resamples, seed)["auroc"]
-            counts = at_threshold(y, p, threshold)
-            out.append({"label": label, "cases": subset, "images": int((~np.isnan(y)).sum()), "positives": int(np.nansum(y)),
-                        "auroc": auroc(y, p), "auroc_lo": lo, "auroc_hi": hi,
-                        "sensitivity": counts["sensitivity"], "specificity": counts["specificity"]})  # fmt: skip
+        row = table.loc[label]  # all cases: already measured, intervals included
+        out.append({"label": label, "cases": "all", **{c: row[c] for c in UNANIMOUS_COLUMNS}})
+        part = test[test[f"agreement_{label}"] == "unanimous"]
+        y, p = part[label].to_numpy(float), part[f"prob_{label}"].to_numpy(float)
+        lo, hi = intervals.bootstrap_intervals(y, p, part["patient_id"], row["threshold"], resamples, seed)["auroc"]
+        counts = at_threshold(y, p, row["threshold"])
+        out.append({"label": label, "cases": "unanimous", "images": int((~np.isnan(y)).sum()), "positives": int(np.nansum(y)),
+                    "auroc": auroc(y, p), "auroc_lo": lo, "auroc_hi": hi,
+                    "sensitivity": counts["sensitivity"], "specificity": counts["specificity"]})  # fmt: skip
     return pd.DataFrame(out)
 
 

@@ -84,10 +84,13 @@ def write_overlays(checkpoint_uri: str, image_uris: list[str], out_dir: str, lab
     model's labels); returns the written URIs. Usable locally and with ``s3://``."""
     explainer = Explainer(checkpoint_uri)
     written = []
+    if not image_uris:
+        return written
+    pixels = np.stack([explainer.load(uri) for uri in image_uris])  # decoded once, explained per label
+    stems = [posixpath.splitext(posixpath.basename(uri))[0] for uri in image_uris]
     for label in labels or explainer.meta["labels"]:
-        for uri, png in zip(image_uris, overlays(checkpoint_uri, image_uris, label, explainer)):
-            stem = posixpath.splitext(posixpath.basename(uri))[0]
+        for stem, image, heat in zip(stems, pixels, explainer.heatmaps(pixels, label)):
             target = storage.join(out_dir, f"{stem}.gradcam.{label}.png")
-            storage.write_bytes(target, png)
+            storage.write_bytes(target, overlay(image, heat))
             written.append(target)
     return written

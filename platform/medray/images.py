@@ -71,14 +71,18 @@ def decode(data: bytes, uri: str, size: int | None = None, channels: int = 1, ma
         raise ImageError(f"{uri}: cannot decode image data ({err.__class__.__name__}: {err})") from None
 
 
-def load(uri: str, size: int | None = None, channels: int = 1) -> np.ndarray:
+def read(uri: str) -> bytes:
+    """The file's bytes, or an ImageError that says why they cannot be had."""
     try:
-        data = storage.read_bytes(uri)
+        return storage.read_bytes(uri)
     except FileNotFoundError:
         raise ImageError(f"{uri}: image file not found") from None
     except OSError as err:
         raise ImageError(f"{uri}: cannot be read ({err.__class__.__name__})") from None
-    return decode(data, uri, size, channels)
+
+
+def load(uri: str, size: int | None = None, channels: int = 1) -> np.ndarray:
+    return decode(read(uri), uri, size, channels)
 
 
 def probe(uri: str) -> str | None:

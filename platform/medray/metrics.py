@@ -53,10 +53,6 @@ def auroc_per_label(targets: np.ndarray, probs: np.ndarray, labels: list[str]) -
     return {label: auroc(targets[:, i], probs[:, i]) for i, label in enumerate(labels)}
 
 
-def youden_threshold(y: np.ndarray, p: np.ndarray) -> float:
-    return choose_threshold(y, p, "youden")
-
-
 def choose_threshold(y: np.ndarray, p: np.ndarray, rule: str = "youden", target: float = 0.9) -> float:
     """The operating threshold (predict positive when ``p >= threshold``) chosen on ``(y, p)``.
 

@@ -29,20 +29,6 @@ def rows(frame: pd.DataFrame) -> ray.data.Dataset:
     return ray.data.from_pandas([frame.iloc[i : i + BATCH] for i in range(0, max(len(frame), 1), BATCH)])
 
 
-def _probe_batch(batch: dict) -> dict:
-    reasons = [images.probe(str(uri)) or "" for uri in batch["image"]]
-    return {"image": batch["image"], "reason": np.array(reasons, dtype=object)}
-
-
-def check_images(uris: list[str]) -> dict[str, str]:
-    """Decode every image once, in parallel; return ``{uri: reason}`` for those that cannot be used."""
-    if not uris:
-        return {}
-    result = rows(pd.DataFrame({"image": uris})).map_batches(_probe_batch, batch_size=BATCH).to_pandas()
-    bad = result[result["reason"] != ""]
-    return dict(zip(bad["image"], bad["reason"]))
-
-
 def _decode_batch(batch: dict, labels: list[str], size: int, channels: int) -> dict:
     n = len(batch["image"])
     shape = (n, size, size) if channels == 1 else (n, size, size, channels)

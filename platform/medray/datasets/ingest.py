@@ -122,15 +122,16 @@ def parse_binary(value) -> float | None:
 def _inspect(uri: str, ids_from_dicom: bool, salt: bytes | None) -> tuple[str, str | None, str | None]:
     """(reason or "", patient, study): decode fully, then for a DICOM file its header IDs ("" when
     absent; None for other files). Header IDs leave the worker only as pseudonyms when a salt is set."""
-    reason = images.probe(uri) or ""
-    if reason or not ids_from_dicom:
-        return reason, None, None
     try:
-        data = storage.read_bytes(uri)
-        if not is_dicom(data):
-            return "", None, None
+        data = images.read(uri)  # read once: decoded here, and its DICOM header parsed below
+        images.decode(data, uri)
+    except images.ImageError as err:
+        return str(err), None, None
+    if not ids_from_dicom or not is_dicom(data):
+        return "", None, None
+    try:
         ds = read_header(data, uri)
-    except (OSError, DicomError):
+    except DicomError:
         return "", None, None
     patient, study = str(ds.get("PatientID", "") or "").strip(), str(ds.get("StudyInstanceUID", "") or "").strip()
     if salt is not None:
