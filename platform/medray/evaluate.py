@@ -72,7 +72,7 @@ def calibration_table(task: str, labels, val_y, val_p, test_y, test_p, bins: int
     return pd.DataFrame(rows_).set_index("label"), calibrated, temperature
 
 
-UNANIMOUS_COLUMNS = ["images", "positives", "auroc", "auroc_lo", "auroc_hi", "sensitivity", "specificity"]
+UNANIMOUS_COLUMNS = ["positives", "auroc", "auroc_lo", "auroc_hi", "sensitivity", "specificity"]
 
 
 def unanimous_table(test: pd.DataFrame, labels: list[str], table: pd.DataFrame, resamples: int, seed: int) -> pd.DataFrame:
@@ -82,7 +82,7 @@ def unanimous_table(test: pd.DataFrame, labels: list[str], table: pd.DataFrame, 
         if f"agreement_{label}" not in test:
             continue
         row = table.loc[label]  # all cases: already measured, intervals included
-        out.append({"label": label, "cases": "all", **{c: row[c] for c in UNANIMOUS_COLUMNS}})
+        out.append({"label": label, "cases": "all", "images": int(row["n"]), **{c: row[c] for c in UNANIMOUS_COLUMNS}})
         part = test[test[f"agreement_{label}"] == "unanimous"]
         y, p = part[label].to_numpy(float), part[f"prob_{label}"].to_numpy(float)
         lo, hi = intervals.bootstrap_intervals(y, p, part["patient_id"], row["threshold"], resamples, seed)["auroc"]
