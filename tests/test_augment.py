@@ -1,7 +1,11 @@
 import numpy as np
 import pytest
 
-from medray.augment import POLICIES, augment_batch, policy
+import colorsys
+
+import torch
+
+from medray.augment import POLICIES, Augment, augment_batch, resolve
 
 
 def marker_image(size=64) -> np.ndarray:
@@ -78,10 +82,47 @@ def test_hue_and_saturation_leave_grayscale_images_alone():
     assert np.array_equal(augment_batch(batch, "histo", colour_only), batch)
 
 
-def test_overrides_change_only_the_named_parameters_and_transforms_are_cached():
-    assert policy("derm", {"hue": 0.01}) is policy("derm", {"hue": 0.01})
-    assert policy("derm", {"hue": 0.01}) is not policy("derm")
-    assert policy("cxr", {"degrees": 7}) is policy("cxr")
+def test_overrides_change_only_the_named_parameters():
+    assert resolve("derm", {"hue": 0.01}) == {**POLICIES["derm"], "hue": 0.01}
+    assert resolve("cxr") == POLICIES["cxr"]
+
+
+def test_histo_reaches_all_eight_orientations_exactly():
+    patch = np.arange(16 * 16 * 3, dtype=np.uint8).reshape(16, 16, 3)
+    orientation_only = {"crop": 0, "brightness": 0, "contrast": 0, "saturation": 0, "hue": 0}
+    out = augment_batch(np.stack([patch] * 400), "histo", orientation_only, seed=0)
+    square = torch.from_numpy(patch).permute(2, 0, 1)
+    eight = {t.permute(1, 2, 0).numpy().tobytes() for k in range(4) for t in (square.rot90(k, (1, 2)), square.rot90(k, (1, 2)).flip(2))}
+    seen = {image.tobytes() for image in out}
+    assert seen == eight, "every output is one of the eight orientations, and each of them occurs"
+
+
+def test_derm_keeps_hue_shifts_within_its_limit_and_saturation_and_value_intact():
+    reddish = np.zeros((64, 8, 8, 3), dtype=np.uint8)
+    reddish[...] = (180, 60, 40)
+    hue_only = {"hflip": 0, "vflip": 0, "degrees": 0, "brightness": 0, "contrast": 0, "saturation": 0}
+    out = augment_batch(reddish, "derm", hue_only, seed=0)
+    before = colorsys.rgb_to_hsv(*(reddish[0, 0, 0] / 255))[0]
+    turns = [abs(colorsys.rgb_to_hsv(*(image[0, 0] / 255))[0] - before) for image in out]
+    shifts = [min(t, 1 - t) for t in turns]  # hue is an angle: red sits at both ends
+    assert 0.01 < max(shifts) <= 0.03 + 0.005, "hue moves, but no further than derm's 0.03 of a turn"
+    value = out[:, 0, 0].max(axis=1)
+    assert np.abs(value.astype(int) - 180).max() <= 1, "a hue shift keeps the value (HSV)"
+
+
+def test_a_seed_repeats_the_draws_and_each_image_gets_its_own():
+    batch = np.stack([marker_image()] * 16)
+    first, again = augment_batch(batch, "cxr", seed=3), augment_batch(batch, "cxr", seed=3)
+    assert np.array_equal(first, again)
+    assert len({image.tobytes() for image in first}) == 16
+
+
+@pytest.mark.parametrize("name", [n for n in POLICIES if n != "none"])
+def test_augmentation_stays_on_the_batch_device(name):
+    # The meta device stands in for a GPU: a step that left the device or went through numpy would fail here.
+    batch = torch.empty((4, 3, 32, 32), device="meta")
+    out = Augment(name)(batch)
+    assert out.device.type == "meta" and out.shape == batch.shape
 
 
 def test_cxr_has_no_flip_to_switch_on():
@@ -91,12 +132,17 @@ def test_cxr_has_no_flip_to_switch_on():
 
 def test_unknown_policy_names_the_known_ones():
     with pytest.raises(ValueError, match=r"'ct'.*known: cxr, derm, fundus, histo, none"):
-        policy("ct")
+        resolve("ct")
 
 
 def test_parameters_must_be_numbers():
     with pytest.raises(ValueError, match="'degrees' must be a number"):
-        policy("cxr", {"degrees": "ten"})
+        resolve("cxr", {"degrees": "ten"})
+
+
+def test_probabilities_must_lie_in_zero_to_one():
+    with pytest.raises(ValueError, match="'hflip' must be a probability"):
+        resolve("derm", {"hflip": 2})
 
 
 def test_pixels_must_be_uint8_gray_or_rgb():
