@@ -69,12 +69,15 @@ class DataConfig(_Section):
     fold: int | None = Field(None, ge=0, description="with a k-fold manifest: this fold is val, the others train")
     cache: Uri | None = Field(None, description="medray prepare's output; default <manifest>.cache-<size>px-<c>ch")
     use_cache: bool = Field(True, description="train from the prepared cache when it is there and up to date")
+    shuffle: Literal["global", "local"] = Field(
+        "global", description="training rows in a new order every epoch: global (all rows) or local (blocks + a buffer)"
+    )
 
     @model_validator(mode="after")
     def _known_policy(self):
-        from medray.augment import policy
+        from medray.augment import resolve
 
-        policy(self.augment, self.augment_params)  # raises, naming the unknown policy or parameter
+        resolve(self.augment, self.augment_params)  # raises, naming the unknown policy or parameter
         return self
 
 
@@ -120,7 +123,8 @@ class TrainConfig(_Section):
     lr: float = Field(1e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     workers: int = Field(2, ge=1)
-    cpus_per_worker: float = Field(1.0, gt=0, description="leave CPUs free for Ray Data's decoding and augmentation")
+    cpus_per_worker: float = Field(1.0, gt=0, description="leave CPUs free for Ray Data's decoding and shuffling")
+    prefetch_batches: int = Field(2, ge=0, description="batches each worker fetches ahead while the model trains")
     use_gpu: bool = False
     amp: bool = Field(True, description="mixed precision; only takes effect on GPU")
     checkpoints_to_keep: int = Field(2, ge=1, description="the best by val AUROC and the latest are always kept")
@@ -164,7 +168,7 @@ class ScoreConfig(_Section):
     checkpoint: Uri | None = Field(None, description="default: the best checkpoint of this run")
     batch_size: int = Field(64, ge=1)
     actors: int = Field(1, ge=1)
-    cpus_per_actor: float = Field(1.0, gt=0, description="each actor decodes with one thread per CPU")
+    cpus_per_actor: float = Field(1.0, gt=0, description="CPU actors: torch threads each; the other CPUs decode images")
     part_size: int = Field(1000, ge=1, description="inputs per output part; a rerun skips committed parts")
     extensions: list[str] = Field(
         [".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm"], description="files scored when listing a folder or prefix"

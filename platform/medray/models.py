@@ -196,10 +196,12 @@ def build_model(
     return Classifier(net, spec, in_channels)
 
 
-def to_input(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """uint8 ``(B, H, W)`` or ``(B, H, W, C)`` → float ``(B, C, H, W)`` in [0, 1] on ``device``
-    (channels-last on GPU, where convolutions run faster in that layout)."""
+def to_input(images: torch.Tensor, device: torch.device, transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """uint8 ``(B, H, W)`` or ``(B, H, W, C)`` → float ``(B, C, H, W)`` in [0, 1] on ``device``, through
+    ``transform`` (augmentation) when given; channels-last on GPU, where convolutions run faster in that layout."""
     x = images.to(device, non_blocking=True)
     x = x.unsqueeze(1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
     x = x.float().div_(255)
+    if transform is not None:
+        x = transform(x)
     return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x

@@ -1,9 +1,17 @@
 """Distributed fine-tuning with Ray Train: one ``TorchTrainer``, DDP over N workers.
 
 The driver decodes the train and val splits once with Ray Data (kept in the object store), computes
-the loss weights from the training split, and hands each worker its shard of every epoch. Each
-epoch ends with validation AUROC per label, computed on the predictions gathered from all workers,
-and a checkpoint. Submitting the same run again resumes from its latest checkpoint.
+the loss weights from the training split, and hands each worker its shard of every epoch, shuffled
+anew each epoch. Batches travel as uint8 and are augmented on the worker's device (see
+medray.augment): on a GPU the CPUs could not keep up. Each epoch ends with validation AUROC per
+label, computed on the predictions gathered from all workers, and a checkpoint. Submitting the same
+run again resumes from its latest checkpoint.
+
+One seed (``train.seed``) governs the initial weights, the shuffle order of every epoch and the
+augmentation draws (per epoch and worker). What stays non-deterministic: resampling draws
+(``sampling``), the order in which Ray Data's parallel tasks deliver blocks, cuDNN's algorithm
+choices on GPU, and the reduction order of DDP's gradient all-reduce. A resumed run's later epochs
+get shuffle orders of their own.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ import os
 import socket
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,7 +36,8 @@ from ray.train.torch import TorchTrainer
 from medray import checkpoint, freezing, storage, tracking
 from medray.cache import training_data
 from medray.config import JobConfig
-from medray.data import augmented, resampled
+from medray.augment import Augment
+from medray.data import resampled
 from medray.losses import head_size, make_loss, probabilities
 from medray.manifest import Manifest, read_manifest
 from medray.metrics import auroc_per_label, sensitivity_at_specificity
@@ -37,6 +47,10 @@ from medray.splits import fold_view
 
 log = logging.getLogger(__name__)
 SCORE = "val_auroc_mean"
+
+
+class TrainingError(RuntimeError):
+    """Training ended without a result: the workers' errors, once the allowed restarts are spent."""
 
 
 @dataclass
@@ -54,14 +68,52 @@ def _gather(local: np.ndarray) -> np.ndarray:
     return np.concatenate([p for p in parts if len(p)])
 
 
-def _validate(model, shard, batch_size: int, device, amp: bool, task: str, n_labels: int) -> tuple[np.ndarray, np.ndarray]:
+def validation_outputs(model, batches, device, amp: bool, task: str, n_labels: int) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities and targets of this worker's validation batches, gathered from every worker.
+
+    Batches arrive on the worker's device (Ray Train moves them there), so both sides leave it through
+    ``.cpu()`` before they meet numpy, once per epoch rather than once per batch."""
     model.eval()
-    probs, targets = [np.empty((0, n_labels))], [np.empty((0, n_labels))]
+    probs, targets = [torch.empty((0, n_labels))], [torch.empty((0, n_labels))]
     with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-        for batch in shard.iter_torch_batches(batch_size=batch_size):
-            probs.append(probabilities(task, model(to_input(batch["image"], device))).cpu().numpy())
-            targets.append(batch["labels"].numpy())
-    return _gather(np.concatenate(probs)), _gather(np.concatenate(targets))
+        for batch in batches:
+            probs.append(probabilities(task, model(to_input(batch["image"], device)).float()).cpu())
+            targets.append(batch["labels"].cpu())
+    return _gather(torch.cat(probs).numpy()), _gather(torch.cat(targets).numpy())
+
+
+@dataclass
+class Trainee:
+    """A model on its device with the optimizer and schedule that train it, from scratch or resumed."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    first_epoch: int
+
+
+def trainee(config: JobConfig, outputs: int, device: torch.device, state: dict | None = None) -> Trainee:
+    """The model moved to ``device`` *before* its optimizer is made and any saved state loaded:
+    ``Optimizer.load_state_dict`` casts each state tensor to its parameter's device and dtype, so a
+    model still on the CPU would leave a resumed AdamW's moments there while the model trains on the GPU."""
+    t, m = config.train, config.model
+    model = build_model(m.backbone, outputs, m.in_channels, m.weights, m.weights_sha256)
+    if state is not None:
+        model.load_state_dict(state["model"])
+    model = model.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.preserve_format)
+    # Every parameter is in the optimizer, frozen or not, so that unfreezing later needs no new optimizer.
+    optimizer = torch.optim.AdamW(freezing.param_groups(model, t.lr, m.lr_decay), lr=t.lr, weight_decay=t.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=t.epochs)
+    if state is None:
+        return Trainee(model, optimizer, scheduler, 0)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    return Trainee(model, optimizer, scheduler, state["epoch"] + 1)
+
+
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """One stream of augmentation draws per (run seed, epoch, worker): reproducible, never repeated."""
+    return (seed * 1_000_003 + epoch) * 1_009 + rank
 
 
 def _quiet_console() -> None:
@@ -93,29 +145,20 @@ def _worker_loop(cfg: dict) -> None:
     amp = t.amp and device.type == "cuda"
     rank = ray.train.get_context().get_world_rank()
 
-    model = build_model(m.backbone, head_size(task, len(labels)), m.in_channels, m.weights, m.weights_sha256)
-    # Every parameter is in the optimizer, frozen or not, so that unfreezing later needs no new optimizer.
-    optimizer = torch.optim.AdamW(freezing.param_groups(model, t.lr, m.lr_decay), lr=t.lr, weight_decay=t.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=t.epochs)
-    start = 0
-    resumed = ray.train.get_checkpoint()
-    if resumed:
+    state = None
+    if resumed := ray.train.get_checkpoint():
         with resumed.as_directory() as directory:
             state = checkpoint.load_state(directory)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start = state["epoch"] + 1
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    bare = model
-    freezing.apply(bare, m.freeze, start, m.freeze_stages, m.unfreeze_every)
+    run = trainee(config, head_size(task, len(labels)), device, state)
+    bare, optimizer, scheduler = run.model, run.optimizer, run.scheduler
+    freezing.apply(bare, m.freeze, run.first_epoch, m.freeze_stages, m.unfreeze_every)
     model = ray.train.torch.prepare_model(bare)
     loss_fn = cfg["loss"].to(device)
+    augment = Augment(config.data.augment, config.data.augment_params)
     tracker = tracking.Tracker(config) if rank == 0 else None
 
-    for epoch in range(start, t.epochs):
-        _record_worker(config.run_dir, rank, epoch, start)
+    for epoch in range(run.first_epoch, t.epochs):
+        _record_worker(config.run_dir, rank, epoch, run.first_epoch)
         if freezing.apply(bare, m.freeze, epoch, m.freeze_stages, m.unfreeze_every):
             # DDP registers the trainable parameters when it wraps the model: wrap again after unfreezing,
             # and collect the old wrapper first so that its gradient hooks are gone.
@@ -123,22 +166,37 @@ def _worker_loop(cfg: dict) -> None:
             gc.collect()
             model = ray.train.torch.prepare_model(bare)
         freezing.train_mode(bare)
-        loss_sum, seen, unreadable = 0.0, 0, 0
+        generator = torch.Generator(device=device).manual_seed(epoch_seed(t.seed, epoch, rank))
+        # Summed on the device: reading a loss back every batch would make the GPU wait for the CPU.
+        loss_sum = torch.zeros((), device=device)
+        unreadable = torch.zeros((), device=device, dtype=torch.int64)
+        seen, started = 0, time.perf_counter()
         shard = ray.train.get_dataset_shard("train")
+        # uint8 batches, prefetched and copied to the device by Ray; augmented there, per sample.
         # drop_last: resampled epochs vary in length, and a last batch of one image breaks BatchNorm.
-        batches = shard.iter_torch_batches(batch_size=t.batch_size, local_shuffle_buffer_size=4 * t.batch_size, drop_last=True)
+        batches = shard.iter_torch_batches(
+            batch_size=t.batch_size, drop_last=True, prefetch_batches=t.prefetch_batches, pin_memory=device.type == "cuda",
+            local_shuffle_buffer_size=4 * t.batch_size if config.data.shuffle == "local" else None,
+        )
         for batch in batches:
+            x = to_input(batch["image"], device, lambda images: augment(images, generator))
+            y = batch["labels"].to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                loss = loss_fn(model(to_input(batch["image"], device)), batch["labels"].to(device))
+                loss = loss_fn(model(x), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            loss_sum, seen = loss_sum + loss.item() * len(batch["labels"]), seen + len(batch["labels"])
-            unreadable += int(batch["unreadable"].sum())
+            loss_sum += loss.detach().float() * len(y)
+            seen += len(y)
+            unreadable += batch["unreadable"].to(device).sum()
         scheduler.step()
+        loss_total = loss_sum.item()  # waits for the device to finish the epoch's work
+        seconds = time.perf_counter() - started
 
-        probs, targets = _validate(model, ray.train.get_dataset_shard("val"), t.batch_size, device, amp, task, len(labels))
-        totals = _gather(np.array([[loss_sum, seen, unreadable]])).sum(axis=0)
+        val = ray.train.get_dataset_shard("val").iter_torch_batches(batch_size=t.batch_size, prefetch_batches=t.prefetch_batches)
+        probs, targets = validation_outputs(model, val, device, amp, task, len(labels))
+        workers = _gather(np.array([[loss_total, seen, unreadable.item(), seconds]]))
+        totals = workers.sum(axis=0)
         per_label = auroc_per_label(targets, probs, labels)
         sens = {label: sensitivity_at_specificity(targets[:, i], probs[:, i], 0.9) for i, label in enumerate(labels)}
         metrics = {
@@ -146,6 +204,8 @@ def _worker_loop(cfg: dict) -> None:
             "train_loss": float(totals[0] / max(totals[1], 1)),
             "unreadable_images": int(totals[2]),
             "train_samples": int(totals[1]),
+            # The slowest worker sets the pace of a DDP epoch.
+            "train_images_per_s": float(totals[1] / max(workers[:, 3].max(), 1e-9)),
             "trainable_parameters": sum(p.numel() for p in bare.parameters() if p.requires_grad),
             "val_images": len(targets),
             SCORE: float(np.nanmean(list(per_label.values()))),
@@ -189,6 +249,42 @@ def _run_config(config: JobConfig, callbacks: list | None) -> ray.train.RunConfi
     )
 
 
+def shuffled(ds: ray.data.Dataset, how: str, seed: int) -> ray.data.Dataset:
+    """The training rows in a new order on every epoch, the same orders for the same seed.
+
+    Manifests are often sorted (by class, as ``--format folder`` writes them, or by patient), and Ray
+    Train hands each DDP worker a contiguous part of the stream: without a global shuffle one worker
+    could see one class only. ``local`` (block order plus a buffer in the worker) is cheaper for
+    archives too large to move every epoch, but mixes only nearby rows."""
+    if how == "global":
+        return ds.random_shuffle(seed=ray.data.RandomSeedConfig(seed=seed, reseed_after_execution=True))
+    return ds.randomize_block_order(seed=ray.data.RandomSeedConfig(seed=seed, reseed_after_execution=True))
+
+
+def make_trainer(
+    config: JobConfig, train_ds: ray.data.Dataset, val_ds: ray.data.Dataset, labels: list[str], task: str, loss,
+    callbacks: list | None = None, resample: bool = False,
+) -> TorchTrainer:
+    """The ``TorchTrainer`` that trains ``config``'s model on uint8 image batches (``image``, ``labels``,
+    ``unreadable``) from ``train_ds`` and validates on ``val_ds``: images and slide patches alike.
+    ``resample``: the training rows carry sampling multiplicities, drawn anew every epoch."""
+    if config.data.cache_decoded:
+        train_ds, val_ds = train_ds.materialize(), val_ds.materialize()
+    if resample:
+        train_ds = resampled(train_ds)
+    return TorchTrainer(
+        _worker_loop,
+        train_loop_config={"config": config.model_dump(mode="json"), "labels": labels, "task": task, "loss": loss},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=config.train.workers,
+            use_gpu=config.train.use_gpu,
+            resources_per_worker={"CPU": config.train.cpus_per_worker},
+        ),
+        run_config=_run_config(config, callbacks),
+        datasets={"train": shuffled(train_ds, config.data.shuffle, config.train.seed), "val": val_ds},
+    )
+
+
 def build_trainer(config: JobConfig, callbacks: list | None = None) -> TorchTrainer:
     """The run's ``TorchTrainer``, its datasets decoded; ``callbacks`` let a Tune trial hear its reports."""
     manifest = read_manifest(config.manifest)
@@ -207,21 +303,19 @@ def build_trainer(config: JobConfig, callbacks: list | None = None) -> TorchTrai
     source = {"manifest_uri": config.manifest, "size": d.image_size, "channels": channels, "cache_uri": d.cache, "use_cache": d.use_cache}
     train_ds = training_data(manifest, "train", multiplicity=draws, **source)
     val_ds = training_data(manifest, "val", **source)
-    if config.data.cache_decoded:
-        train_ds, val_ds = train_ds.materialize(), val_ds.materialize()
-    if draws is not None:
-        train_ds = resampled(train_ds)
-    return TorchTrainer(
-        _worker_loop,
-        train_loop_config={"config": config.model_dump(mode="json"), "labels": labels, "task": manifest.task, "loss": loss},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=config.train.workers,
-            use_gpu=config.train.use_gpu,
-            resources_per_worker={"CPU": config.train.cpus_per_worker},
-        ),
-        run_config=_run_config(config, callbacks),
-        datasets={"train": augmented(train_ds, config.data.augment, config.data.augment_params), "val": val_ds},
-    )
+    return make_trainer(config, train_ds, val_ds, labels, manifest.task, loss, callbacks, resample=draws is not None)
+
+
+def _failure(err: ray.train.TrainingFailedError) -> str:
+    """The workers' own errors, one line each: what a person needs to see first."""
+    failures = getattr(err, "worker_failures", None) or {}
+    if not failures:
+        return str(err).strip().splitlines()[-1]
+    lines = []
+    for rank, error in sorted(failures.items()):
+        cause = getattr(error, "cause", None) or error  # Ray wraps the worker's exception
+        lines.append(f"worker {rank}: {type(cause).__name__}: {str(cause).strip().splitlines()[-1] if str(cause).strip() else ''}")
+    return "; ".join(lines)
 
 
 def train(config: JobConfig, callbacks: list | None = None) -> TrainResult:
@@ -230,10 +324,13 @@ def train(config: JobConfig, callbacks: list | None = None) -> TrainResult:
     build = build_trainer
     if config.wsi.patches:  # whole-slide images: patches from Parquet shards (medray.wsi.training)
         from medray.wsi.training import build_patch_trainer as build
-    result = build(config, callbacks).fit()
+    try:
+        result = build(config, callbacks).fit()
+    except ray.train.TrainingFailedError as err:
+        raise TrainingError(f"training run {config.run_dir} failed after {config.train.max_failures} restarts: {_failure(err)}") from err
     best = result.get_best_checkpoint(SCORE, "max")
     if best is None:
-        raise RuntimeError(f"training run {config.run_dir} reported no checkpoint")
+        raise TrainingError(f"training run {config.run_dir} reported no checkpoint")
     best_uri = ("s3://" + best.path) if storage.is_s3(config.run_dir) else best.path
     metrics = next(m for c, m in result.best_checkpoints if c.path == best.path)
     checkpoint.write_best(config.run_dir, best_uri, metrics)

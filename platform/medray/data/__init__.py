@@ -1,5 +1,5 @@
 """Ray Data pipelines: every pass over image pixels runs here."""
 
-from medray.data.pipeline import augmented, decoded, resampled, rows
+from medray.data.pipeline import decoded, resampled, rows
 
-__all__ = ["augmented", "decoded", "resampled", "rows"]
+__all__ = ["decoded", "resampled", "rows"]

@@ -1,4 +1,4 @@
-"""Ray Data pipelines over manifest rows: check, decode + resize, resample, augment.
+"""Ray Data pipelines over manifest rows: check, decode + resize, resample.
 
 Batches are numpy dicts (``image``: ``(B, H, W)`` uint8 for grayscale or ``(B, H, W, 3)`` for RGB,
 ``labels``: ``(B, L)`` float32). An image that fails to decode mid-training becomes a blank image
@@ -15,7 +15,6 @@ import pandas as pd
 import ray
 
 from medray import images
-from medray.augment import augment_batch
 from medray.sampling import COLUMN, resample_batch
 
 log = logging.getLogger(__name__)
@@ -57,15 +56,4 @@ def decoded(frame: pd.DataFrame, labels: list[str], size: int, channels: int = 1
 
 def resampled(ds: ray.data.Dataset) -> ray.data.Dataset:
     """A new sample on every pass, from the ``multiplicity`` column (see medray.sampling)."""
-    return ds.map_batches(resample_batch, batch_size=BATCH).randomize_block_order()
-
-
-def _augment(batch: dict, policy: str, params: dict | None) -> dict:
-    return {**batch, "image": augment_batch(batch["image"], policy, params)}
-
-
-def augmented(ds: ray.data.Dataset, policy: str, params: dict | None = None) -> ray.data.Dataset:
-    """Fresh random augmentation on every pass (epoch) over ``ds``."""
-    if policy == "none":
-        return ds
-    return ds.map_batches(_augment, fn_kwargs={"policy": policy, "params": params}, batch_size=BATCH)
+    return ds.map_batches(resample_batch, batch_size=BATCH)

@@ -19,7 +19,6 @@ import ray
 from ray.train.torch import TorchTrainer
 
 from medray import images, storage
-from medray.augment import augment_batch
 from medray.config import JobConfig
 from medray.losses import make_loss
 
@@ -83,13 +82,9 @@ def patch_dataset(patches: str, split: str, labels: list[str], size: int, channe
     return ds.map_batches(_split_batch, fn_kwargs=kwargs, batch_size=BATCH)
 
 
-def _augment(batch: dict, policy: str, params: dict | None) -> dict:
-    return {**batch, "image": augment_batch(batch["image"], policy, params)} if len(batch["image"]) else batch
-
-
 def build_patch_trainer(config: JobConfig, callbacks: list | None = None) -> TorchTrainer:
     """medray.train's ``TorchTrainer`` over the patch shards in ``config.wsi.patches``."""
-    from medray.train import _run_config, _worker_loop
+    from medray.train import make_trainer
 
     patches = config.wsi.patches
     labels = patch_labels(patches)
@@ -102,19 +97,4 @@ def build_patch_trainer(config: JobConfig, callbacks: list | None = None) -> Tor
 
     size, channels = config.data.image_size, config.model.in_channels
     train_ds, val_ds = (patch_dataset(patches, split, labels, size, channels) for split in ("train", "val"))
-    if config.data.cache_decoded:
-        train_ds, val_ds = train_ds.materialize(), val_ds.materialize()
-    if config.data.augment != "none":
-        kwargs = {"policy": config.data.augment, "params": config.data.augment_params}
-        train_ds = train_ds.map_batches(_augment, fn_kwargs=kwargs, batch_size=BATCH)
-    return TorchTrainer(
-        _worker_loop,
-        train_loop_config={"config": config.model_dump(mode="json"), "labels": labels, "task": "multi-label", "loss": loss},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=config.train.workers,
-            use_gpu=config.train.use_gpu,
-            resources_per_worker={"CPU": config.train.cpus_per_worker},
-        ),
-        run_config=_run_config(config, callbacks),
-        datasets={"train": train_ds, "val": val_ds},
-    )
+    return make_trainer(config, train_ds, val_ds, labels, "multi-label", loss, callbacks)
