@@ -101,6 +101,16 @@ def load_model(uri: str) -> tuple[Classifier, dict]:
     return model.eval(), meta
 
 
+def read_meta(uri: str) -> dict:
+    """What the checkpoint says about its model (backbone, labels, input size), without loading weights."""
+    try:
+        meta = json.loads(storage.read_text(storage.join(uri, META_FILE)))
+    except FileNotFoundError:
+        raise CheckpointError(f"{uri} is not a medray checkpoint: no {META_FILE}") from None
+    meta.setdefault("task", "multi-label")
+    return meta
+
+
 def write_best(run_dir: str, checkpoint_uri: str, metrics: dict) -> str:
     uri = storage.join(run_dir, BEST_FILE)
     storage.write_text(uri, json.dumps({"checkpoint": checkpoint_uri, "metrics": metrics}, indent=2, default=float))

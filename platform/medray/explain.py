@@ -43,7 +43,9 @@ class Explainer:
         # Importing MONAI takes seconds: only pay for it when used.
         from monai.visualize import GradCAM
 
-        self.model, self.meta = checkpoint.load_model(checkpoint_uri)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        model, self.meta = checkpoint.load_model(checkpoint_uri)
+        self.model = model.to(self.device)
         self.cam = GradCAM(nn_module=self.model, target_layers=target_layer(self.model))
 
     def load(self, uri: str) -> np.ndarray:
@@ -52,10 +54,10 @@ class Explainer:
     def heatmaps(self, pixels: np.ndarray, label: str) -> np.ndarray:
         """uint8 images ``(B, H, W[, C])`` → maps ``(B, H, W)`` in [0, 1]."""
         index = output_index(self.meta["task"], self.meta["labels"], label)
-        x = to_input(torch.from_numpy(np.ascontiguousarray(pixels)), torch.device("cpu"))
+        x = to_input(torch.from_numpy(np.ascontiguousarray(pixels)), self.device)
         with torch.enable_grad():
             maps = self.cam(x, class_idx=index)
-        return maps[:, 0].detach().numpy()
+        return maps[:, 0].detach().cpu().numpy()
 
 
 def overlay(pixels: np.ndarray, heatmap: np.ndarray, alpha: float = 0.45) -> bytes:
