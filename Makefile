@@ -24,6 +24,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/score_scale.py
 	$(BIN)/python benchmarks/wsi_extract.py
 	$(BIN)/python benchmarks/patient_bootstrap.py
+	$(BIN)/python benchmarks/gpu_feed.py
 
 clean:
 	rm -rf runs .pytest_cache
