@@ -96,6 +96,7 @@ class LossConfig(_Section):
     weighting: Literal["none", "seed", "pos_weight", "effective_number"] = "seed"
     beta: float = Field(0.999, gt=0, lt=1, description="effective_number's beta (Cui et al. 2019)")
     focal_gamma: float = Field(0.0, ge=0, description="> 0 adds the focal term (Lin et al. 2017)")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="targets pulled this far towards uniform")
 
 
 class ModelConfig(_Section):
@@ -130,6 +131,9 @@ class TrainConfig(_Section):
     checkpoints_to_keep: int = Field(2, ge=1, description="the best by val AUROC and the latest are always kept")
     max_failures: int = Field(0, ge=-1)
     seed: int = 0
+    warmup_epochs: int = Field(1, ge=0, description="epochs of linear learning-rate warm-up before the cosine decay")
+    ema: float = Field(0.0, ge=0, lt=1, description="decay per step of the weights' moving average (0: off); see recipe.py")
+    patience: int | None = Field(None, ge=1, description="stop after this many epochs without a better val AUROC")
 
 
 class EvaluateConfig(_Section):

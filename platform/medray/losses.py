@@ -11,7 +11,9 @@ Weightings (per label for multi-label, per class otherwise):
 ``none``; ``seed`` — wp = N−/N, wn = N+/N, so positives and negatives contribute equally;
 ``pos_weight`` — wp = N−/N+, wn = 1 (PyTorch's convention); ``effective_number`` — Cui et al. 2019,
 weight ∝ (1 − β) / (1 − β^n), normalised to average 1. ``focal_gamma`` > 0 multiplies each term by
-(1 − p_t)^γ (Lin et al. 2017) and combines with any weighting.
+(1 − p_t)^γ (Lin et al. 2017) and combines with any weighting. ``label_smoothing`` ε pulls each
+binary target towards ½ (y(1 − ε) + ε/2) and each one-hot target towards uniform, so the model stops
+pushing logits to infinity on a few hundred images; the class weights still follow the hard labels.
 """
 
 from __future__ import annotations
@@ -70,15 +72,15 @@ def _focal(p_true: torch.Tensor, gamma: float) -> torch.Tensor:
 class WeightedBCE(nn.Module):
     """Sum over labels of each label's weighted binary cross-entropy, averaged over known entries."""
 
-    def __init__(self, pos_weight, neg_weight, focal_gamma: float = 0.0):
+    def __init__(self, pos_weight, neg_weight, focal_gamma: float = 0.0, smoothing: float = 0.0):
         super().__init__()
         self.register_buffer("pos_weight", torch.as_tensor(pos_weight, dtype=torch.float32))
         self.register_buffer("neg_weight", torch.as_tensor(neg_weight, dtype=torch.float32))
-        self.gamma = focal_gamma
+        self.gamma, self.smoothing = focal_gamma, smoothing
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         known = ~torch.isnan(targets)
-        y = torch.nan_to_num(targets)
+        y = torch.nan_to_num(targets) * (1 - self.smoothing) + self.smoothing / 2
         logits = logits.float()
         p = torch.sigmoid(logits)
         positive = self.pos_weight * y * _focal(p, self.gamma) * F.logsigmoid(logits)
@@ -90,18 +92,21 @@ class WeightedBCE(nn.Module):
 class WeightedCE(nn.Module):
     """Softmax cross-entropy with class weights; rows whose class is unknown are left out."""
 
-    def __init__(self, weights, focal_gamma: float = 0.0):
+    def __init__(self, weights, focal_gamma: float = 0.0, smoothing: float = 0.0):
         super().__init__()
         self.register_buffer("weights", torch.as_tensor(weights, dtype=torch.float32))
-        self.gamma = focal_gamma
+        self.gamma, self.smoothing = focal_gamma, smoothing
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         known = ~torch.isnan(targets).any(dim=1)
         if not known.any():
             return logits.sum() * 0
         classes = torch.nan_to_num(targets[known]).argmax(dim=1)
-        log_p = F.log_softmax(logits[known].float(), dim=1).gather(1, classes[:, None]).squeeze(1)
-        w = self.weights[classes] * _focal(log_p.exp(), self.gamma)
+        log_probs = F.log_softmax(logits[known].float(), dim=1)
+        log_true = log_probs.gather(1, classes[:, None]).squeeze(1)
+        # As torch's cross_entropy(label_smoothing=ε): (1 − ε)·the true class + ε·uniform over the classes.
+        log_p = (1 - self.smoothing) * log_true + self.smoothing * log_probs.mean(dim=1)
+        w = self.weights[classes] * _focal(log_true.exp(), self.gamma)
         return -(w * log_p).sum() / self.weights[classes].sum()
 
 
@@ -116,9 +121,9 @@ def ordinal_targets(onehot: torch.Tensor) -> torch.Tensor:
 class OrdinalBCE(nn.Module):
     """Weighted BCE over the K−1 "grade > k" outputs, weights from the cumulative counts."""
 
-    def __init__(self, pos_weight, neg_weight, focal_gamma: float = 0.0):
+    def __init__(self, pos_weight, neg_weight, focal_gamma: float = 0.0, smoothing: float = 0.0):
         super().__init__()
-        self.bce = WeightedBCE(pos_weight, neg_weight, focal_gamma)
+        self.bce = WeightedBCE(pos_weight, neg_weight, focal_gamma, smoothing)
 
     def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return self.bce(logits, ordinal_targets(targets))
@@ -128,15 +133,17 @@ def head_size(task: str, n_labels: int) -> int:
     return n_labels - 1 if task == "ordinal" else n_labels
 
 
-def make_loss(task: str, train_targets: np.ndarray, weighting: str, beta: float = 0.999, focal_gamma: float = 0.0) -> nn.Module:
+def make_loss(
+    task: str, train_targets: np.ndarray, weighting: str, beta: float = 0.999, focal_gamma: float = 0.0, smoothing: float = 0.0
+) -> nn.Module:
     """The loss for ``task`` with weights computed from the training split's label columns."""
     if task == "multi-label":
-        return WeightedBCE(*class_weights(train_targets, weighting, beta), focal_gamma)
+        return WeightedBCE(*class_weights(train_targets, weighting, beta), focal_gamma, smoothing)
     if task == "multi-class":
-        return WeightedCE(per_class_weights(train_targets, weighting, beta), focal_gamma)
+        return WeightedCE(per_class_weights(train_targets, weighting, beta), focal_gamma, smoothing)
     if task == "ordinal":
         cumulative = ordinal_targets(torch.tensor(train_targets, dtype=torch.float32)).numpy()
-        return OrdinalBCE(*class_weights(cumulative, weighting, beta), focal_gamma)
+        return OrdinalBCE(*class_weights(cumulative, weighting, beta), focal_gamma, smoothing)
     raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
 
 

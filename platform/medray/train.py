@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from ray.train.torch import TorchTrainer
 
-from medray import checkpoint, freezing, storage, tracking
+from medray import checkpoint, freezing, recipe, storage, tracking
 from medray.cache import training_data
 from medray.config import JobConfig
 from medray.augment import Augment
@@ -84,12 +84,27 @@ def validation_outputs(model, batches, device, amp: bool, task: str, n_labels: i
 
 @dataclass
 class Trainee:
-    """A model on its device with the optimizer and schedule that train it, from scratch or resumed."""
+    """A model on its device with what trains it — optimizer, schedule, weight average, early stop —
+    from scratch or resumed."""
 
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     first_epoch: int
+    ema: torch.optim.swa_utils.AveragedModel | None
+    stop: recipe.EarlyStop
+
+    @property
+    def evaluated(self) -> torch.nn.Module:
+        """The weights that are validated, checkpointed and later evaluated and scored."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def state(self, epoch: int) -> dict:
+        state = {"model": self.evaluated.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "epoch": epoch, "early_stop": self.stop.state()}  # fmt: skip
+        if self.ema is not None:
+            state["trained"] = self.model.state_dict()  # the raw weights training goes on from
+        return state
 
 
 def trainee(config: JobConfig, outputs: int, device: torch.device, state: dict | None = None) -> Trainee:
@@ -99,16 +114,19 @@ def trainee(config: JobConfig, outputs: int, device: torch.device, state: dict |
     t, m = config.train, config.model
     model = build_model(m.backbone, outputs, m.in_channels, m.weights, m.weights_sha256)
     if state is not None:
-        model.load_state_dict(state["model"])
+        model.load_state_dict(state.get("trained", state["model"]))
     model = model.to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.preserve_format)
     # Every parameter is in the optimizer, frozen or not, so that unfreezing later needs no new optimizer.
     optimizer = torch.optim.AdamW(freezing.param_groups(model, t.lr, m.lr_decay), lr=t.lr, weight_decay=t.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=t.epochs)
+    scheduler = recipe.schedule(optimizer, t.epochs, t.warmup_epochs)
+    ema = recipe.averaged(model, t.ema, state["model"] if state is not None and "trained" in state else None)
+    stop = recipe.EarlyStop(t.patience)
     if state is None:
-        return Trainee(model, optimizer, scheduler, 0)
+        return Trainee(model, optimizer, scheduler, 0, ema, stop)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    return Trainee(model, optimizer, scheduler, state["epoch"] + 1)
+    stop = recipe.EarlyStop(t.patience, **state.get("early_stop", {}))
+    return Trainee(model, optimizer, scheduler, state["epoch"] + 1, ema, stop)
 
 
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
@@ -186,6 +204,8 @@ def _worker_loop(cfg: dict) -> None:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if run.ema is not None:
+                run.ema.update_parameters(bare)
             loss_sum += loss.detach().float() * len(y)
             seen += len(y)
             unreadable += batch["unreadable"].to(device).sum()
@@ -194,7 +214,7 @@ def _worker_loop(cfg: dict) -> None:
         seconds = time.perf_counter() - started
 
         val = ray.train.get_dataset_shard("val").iter_torch_batches(batch_size=t.batch_size, prefetch_batches=t.prefetch_batches)
-        probs, targets = validation_outputs(model, val, device, amp, task, len(labels))
+        probs, targets = validation_outputs(run.evaluated, val, device, amp, task, len(labels))
         workers = _gather(np.array([[loss_total, seen, unreadable.item(), seconds]]))
         totals = workers.sum(axis=0)
         per_label = auroc_per_label(targets, probs, labels)
@@ -211,25 +231,28 @@ def _worker_loop(cfg: dict) -> None:
             SCORE: float(np.nanmean(list(per_label.values()))),
             **{f"val_auroc/{label}": value for label, value in per_label.items()},
             **{f"val_sens_at_spec90/{label}": value for label, value in sens.items()},
+            "lr": scheduler.get_last_lr()[0],
         }
+        # Every worker gathered the same validation outputs, so all of them stop at the same epoch.
+        stop = run.stop.update(metrics[SCORE])
         with tempfile.TemporaryDirectory() as directory:
             saved = None
             if rank == 0:
-                state = {
-                    "model": bare.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "epoch": epoch,
-                }
+                state = run.state(epoch)
                 meta = {"backbone": m.backbone, "labels": labels, "task": task, "in_channels": m.in_channels,
                         "image_size": config.data.image_size, "epoch": epoch, "metrics": metrics}  # fmt: skip
                 checkpoint.save(directory, state, meta)
                 saved = ray.train.Checkpoint.from_directory(directory)
                 aurocs = ", ".join(f"{k} {v:.3f}" for k, v in per_label.items())
                 _progress(f"epoch {epoch + 1}/{t.epochs}: loss {metrics['train_loss']:.4f}, val AUROC {metrics[SCORE]:.3f} ({aurocs})")
-            ray.train.report(metrics, checkpoint=saved, checkpoint_dir_name=f"epoch_{epoch:03d}")
+                if stop:
+                    _progress(f"early stop: val AUROC has not improved for {t.patience} epochs (best {run.stop.best:.3f})")
+            # Named as the logs count epochs: epoch_001 holds the first.
+            ray.train.report(metrics, checkpoint=saved, checkpoint_dir_name=f"epoch_{epoch + 1:03d}")
         if tracker:
             tracker.log(metrics, epoch)
+        if stop:
+            break
     if tracker:
         tracker.close()
 
@@ -292,7 +315,7 @@ def build_trainer(config: JobConfig, callbacks: list | None = None) -> TorchTrai
         manifest = Manifest(fold_view(manifest.frame, config.data.fold), manifest.labels, manifest.task)
     labels = manifest.labels
     train_frame, val_frame = manifest.split("train"), manifest.split("val")
-    loss = make_loss(manifest.task, train_frame[labels].to_numpy(float), config.loss.weighting, config.loss.beta, config.loss.focal_gamma)
+    loss = make_loss(manifest.task, train_frame[labels].to_numpy(float), config.loss.weighting, config.loss.beta, config.loss.focal_gamma, config.loss.label_smoothing)
     s = config.sampling
     draws = None
     if s.strategy != "none" or s.samples_per_epoch:

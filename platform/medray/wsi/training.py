@@ -92,7 +92,7 @@ def build_patch_trainer(config: JobConfig, callbacks: list | None = None) -> Tor
     train_targets = frame.loc[frame["split"] == "train", labels].to_numpy(float)
     if config.sampling.strategy != "none":
         log.warning("sampling.strategy is not applied to patches; cap patches per slide with wsi.max_patches")
-    loss = make_loss("multi-label", train_targets, config.loss.weighting, config.loss.beta, config.loss.focal_gamma)
+    loss = make_loss("multi-label", train_targets, config.loss.weighting, config.loss.beta, config.loss.focal_gamma, config.loss.label_smoothing)
     log.info("training on %d patches, validating on %d", len(train_targets), int((frame["split"] == "val").sum()))
 
     size, channels = config.data.image_size, config.model.in_channels
