@@ -108,7 +108,7 @@ def ingest_chexpert(
                 "view": entry.get("Frontal/Lateral", ""),
                 "projection": entry.get("AP/PA", ""),
                 "sex": entry.get("Sex", ""),
-                "age": pd.to_numeric(entry.get("Age", ""), errors="coerce"),
+                "age": entry.get("Age", ""),
             }
             for label, value in cells.items():
                 number = VALUES[value]

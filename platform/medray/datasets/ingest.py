@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import pyarrow.fs as pafs
 
-from medray import images, storage
+from medray import images, metadata, storage
 from medray.dicom import DicomError, is_dicom, read_header
 from medray.manifest import Manifest, write_manifest, write_quarantine
 
@@ -247,7 +247,7 @@ def finish(
     write_quarantine(rejects.rows, result.quarantine)
     if frame.empty:
         raise ValueError(f"{source}: no usable rows ({result.balance}; reasons in {result.quarantine})")
-    write_manifest(Manifest(frame, list(labels), task), out)
+    write_manifest(Manifest(metadata.normalise(frame, source), list(labels), task), out)
     never = [label for label in labels if not (frame[label] == 1).any()]
     if never:
         log.warning("labels with no positive image: %s", never)

@@ -30,12 +30,6 @@ COLUMNS = {"Image Index": "name", "Finding Labels": "findings", "Patient ID": "p
 OPTIONAL = {"Patient Age": "age", "Patient Gender": "sex", "Patient Sex": "sex", "View Position": "view"}
 
 
-def _age(value) -> float:
-    """Ages are integers in the 2017 release and '058Y' strings in the first one."""
-    text = str(value).strip().upper().rstrip("Y")
-    return float(text) if text.isdigit() else np.nan
-
-
 def read_entries(csv_uri: str, encoding: str | None = None) -> pd.DataFrame:
     raw = read_csv(csv_uri, encoding, dtype=str, skipinitialspace=True)
     raw.columns = [c.strip() for c in raw.columns]
@@ -103,11 +97,9 @@ def ingest_nih(
                 "name": entry.name,
                 **{label: float(label in tokens) for label in labels},
             }
-            for key in ("sex", "view"):
+            for key in ("sex", "age", "view"):  # ages: integers in the 2017 release, '058Y' in the first
                 if hasattr(entry, key):
                     row[key] = getattr(entry, key)
-            if hasattr(entry, "age"):
-                row["age"] = _age(entry.age)
             rows.append(row)
 
     frame = pd.DataFrame(rows)
