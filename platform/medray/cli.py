@@ -270,7 +270,7 @@ def _audit(args: argparse.Namespace) -> None:
     except ValueError as err:  # a manifest that cannot be audited: missing, unsplit, invalid
         sys.exit(f"medray audit: {err}")
     for check in result.checks:
-        print(f"{'pass' if check['passed'] else 'FAIL'}  {check['name']:<16} {check['count']:>6}  {check['detail']}")
+        print(f"{check['status']:<4}  {check['name']:<16} {'–' if check['count'] is None else check['count']:>6}  {check['detail']}")
     print(f"{'passed' if result.passed else 'FAILED'}: {result.paths['audit.md']}")
     if not result.passed:
         sys.exit(1)

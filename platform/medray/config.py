@@ -157,10 +157,8 @@ class EvaluateConfig(_Section):
     temperature_scaling: bool = Field(True, description="fit temperatures on val, write calibration.json to the checkpoint")
     subgroup_min_cases: int = Field(10, ge=1, description="subgroups with fewer positives or negatives are marked small")
     gallery: int = Field(3, ge=0, description="top false positives and false negatives per label, with Grad-CAM")
-    intended_use: str = Field(
-        "Research and development only: a second reader's aid for the listed findings on frontal chest radiographs "
-        "of adults, not a diagnostic device.",
-        description="the model card's intended-use statement",
+    intended_use: str | None = Field(
+        None, description="the model card's intended-use statement; default: 'not stated', with what the data show"
     )
 
     @model_validator(mode="after")
