@@ -126,3 +126,9 @@ def test_evaluation_settings_are_validated_naming_the_field():
         build_config({"evaluate": {"deployment_prevalence": {"Mass": 2}}})
     with pytest.raises(ConfigError, match="evaluate.threshold"):
         build_config({"evaluate": {"threshold": "accuracy"}})
+
+
+def test_a_threshold_near_1_is_shown_with_the_decimals_that_keep_it_below_1():
+    from medray.report.sections import threshold_text
+
+    assert [threshold_text(t) for t in (0.5, 0.99994, 0.0000312, 1.0, 0.9991)] == ["0.500", "0.99994", "0.00003", "1.000", "0.9991"]
