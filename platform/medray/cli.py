@@ -176,6 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     split.add_argument("--seed", type=int, default=0)
     split.add_argument("--sites", help="comma-separated values of the 'site' column held out as test (cross-site)")
     split.add_argument("--folds", type=int, help="grouped stratified k-fold over the patients outside test (column 'fold')")
+    split.add_argument("--force", action="store_true", help="replace a split the manifest already has (e.g. an official one)")
 
     audit = verbs.add_parser("audit", help="leakage audit of a split manifest: patients, studies, near-duplicate images")
     audit.add_argument("manifest")
@@ -245,14 +246,13 @@ def main(argv: list[str] | None = None) -> None:
         print(f"tissue covers {mask.fraction:.1%} of the slide{' — NO TISSUE FOUND' if mask.empty else ''} → {args.out}")
     elif args.verb == "split":
         from medray.manifest import Manifest, read_manifest, write_manifest
-        from medray.splits import split_by_patient, summary
+        from medray.splits import split_unless_split, summary
 
         manifest = read_manifest(storage.absolute(args.manifest))
         label = args.label.split(",") if args.label else None
         sites = args.sites.split(",") if args.sites else None
-        frame = split_by_patient(
-            manifest, args.val, args.test, args.min_positive, label, args.seed, args.train_keeps_positive, sites, args.folds
-        )
+        frame = split_unless_split(manifest, args.force, val=args.val, test=args.test, min_positive=args.min_positive, label=label,
+                                   seed=args.seed, train_keeps_positive=args.train_keeps_positive, sites=sites, folds=args.folds)  # fmt: skip
         write_manifest(Manifest(frame, manifest.labels, manifest.task), storage.absolute(args.out))
         print(summary(frame, manifest.labels).round(3).to_string())
     elif args.verb == "audit":
