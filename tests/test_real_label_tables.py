@@ -11,6 +11,7 @@ from test_datasets_chexpert import chexpert  # noqa: F401  (the fixture)
 from test_datasets_nih import write_release
 from test_datasets_table import image
 
+from medray.cli import main
 from medray.config import ColumnsConfig, IngestConfig
 from medray.datasets import Options, ingest, ingest_chexpert, ingest_nih, ingest_table
 from medray.datasets.encoding import TableError
@@ -99,6 +100,13 @@ def test_a_declared_encoding_reads_utf16_without_a_bom_which_is_otherwise_a_one_
     config = IngestConfig(format="csv", columns=SITE, encoding="utf-16-le", check=False)
     result = ingest(uri, str(tmp_path / "m.parquet"), config)
     assert read_manifest(result.manifest).frame["site"].tolist() == ["Zürich", "Genève"]
+
+
+def test_the_command_line_ends_an_unreadable_table_in_one_line_naming_it_not_a_traceback(tmp_path, ray_session):
+    uri = write_table(tmp_path, lambda t: t.encode("utf-16-le"))
+    with pytest.raises(SystemExit) as exit_:
+        main(["ingest", uri, str(tmp_path / "m.parquet"), "--format", "csv", "--set", "ingest.columns.labels=[Finding]"])
+    assert str(exit_.value.code).startswith(f"medray ingest: {uri}: holds NUL bytes") and "\n" not in str(exit_.value.code)
 
 
 def test_a_declared_encoding_that_does_not_fit_the_file_names_it_and_the_file(tmp_path):

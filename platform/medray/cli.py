@@ -141,7 +141,10 @@ def _ingest(args: argparse.Namespace) -> None:
     if args.labels:
         overrides.append(f"ingest.labels={json.dumps(args.labels.split(','))}")
     config = _start("ingest", args.config, overrides)
-    result = ingest(storage.absolute(args.source), storage.absolute(args.out), config.ingest)
+    try:
+        result = ingest(storage.absolute(args.source), storage.absolute(args.out), config.ingest)
+    except ValueError as err:  # the user's table or settings: one line naming the file or field
+        sys.exit(f"medray ingest: {err}")
     print(f"{result.balance}\nmanifest: {result.manifest}\nquarantine: {result.quarantine}")
 
 
