@@ -83,6 +83,20 @@ def test_one_study_in_two_splits_is_an_error_even_under_two_patient_ids(tmp_path
     assert not result.passed and study["count"] == 1 and result.checks[0]["count"] == 0
 
 
+def test_without_a_study_column_study_overlap_is_not_checked_rather_than_passed(tmp_path, capsys):
+    paths = []
+    for i, p in enumerate(np.random.default_rng(1).integers(0, 255, (3, 32, 32), dtype=np.uint8)):
+        paths.append(str(tmp_path / f"scan{i}.png"))
+        Image.fromarray(p).save(paths[-1])
+    frame = pd.DataFrame({"image": paths, "patient_id": ["a", "b", "c"], "split": ["train", "val", "test"], "Mass": [0.0, 1.0, 0.0]})
+    path = write_manifest(Manifest(frame, ["Mass"]), str(tmp_path / "m.parquet"))
+    main(["audit", path, "--out", str(tmp_path / "audit")])
+    study = next(c for c in json.loads((tmp_path / "audit" / "audit.json").read_text())["checks"] if c["name"] == "study_overlap")
+    assert study["status"] == "not checked" and study["count"] is None
+    assert any(line.startswith("not checked  study_overlap") for line in capsys.readouterr().out.splitlines())
+    assert "| study_overlap | not checked | – |" in (tmp_path / "audit" / "audit.md").read_text()
+
+
 def test_studies_come_from_nih_file_names_when_there_is_no_study_column():
     frame = pd.DataFrame({"image": ["/a/images_001/00000007_002.png", "s3://b/images_004/00000007_002.png"]})
     keys, source = study_keys(frame)

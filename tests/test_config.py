@@ -1,8 +1,12 @@
 import os
+import re
+from pathlib import Path
+from typing import get_args
 
 import pytest
+import yaml
 
-from medray.config import ConfigError, build_config, load_config
+from medray.config import ConfigError, IngestConfig, build_config, load_config
 
 DEMO = os.path.join(os.path.dirname(__file__), "..", "jobs", "configs", "demo.yaml")
 
@@ -58,3 +62,40 @@ def test_strategies_are_chosen_by_name_and_checked():
     assert (config.loss.weighting, config.sampling.strategy, config.model.freeze) == ("effective_number", "oversample", "gradual")
     with pytest.raises(ConfigError, match="loss.weighting"):
         build_config(overrides=["loss.weighting=inverse"])
+
+
+ROOT = Path(__file__).parents[1]
+EXAMPLES = sorted((ROOT / "jobs" / "configs" / "examples").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
+def test_each_example_config_loads_through_the_config_model(path):
+    config = load_config(str(path))  # raises, naming the field, for any key or value the model refuses
+    assert yaml.safe_load(path.read_text())["ingest"]["format"] == config.ingest.format  # stated, not the default
+    assert config.evaluate.intended_use or path.stem in ("csv", "folder")  # templates leave it to the user
+
+
+def test_there_is_an_example_config_for_every_adapter_and_grouping_rule():
+    loaded = {p.stem: load_config(str(p)).ingest for p in EXAMPLES}
+    assert {i.format for i in loaded.values()} == set(get_args(IngestConfig.model_fields["format"].annotation))
+    assert (loaded["ham10000"].grouping, loaded["eyepacs"].grouping) == ("ham10000", "eyes")
+
+
+def test_the_ham10000_example_ingests_the_published_layout(tmp_path):
+    from test_datasets_table import HAM_CLASSES, write_ham10000
+
+    from medray.datasets import ingest
+    from medray.manifest import read_manifest
+
+    write_ham10000(tmp_path)
+    config = load_config(str(ROOT / "jobs" / "configs" / "examples" / "ham10000.yaml"), ["ingest.check=false"])
+    result = ingest(str(tmp_path / "HAM10000_metadata.csv"), str(tmp_path / "m.parquet"), config.ingest)
+    manifest = read_manifest(result.manifest)
+    assert manifest.labels == HAM_CLASSES and result.balance == "8 in = 8 kept + 0 quarantined"
+
+
+def test_every_config_the_readme_names_exists():
+    readme = (ROOT / "README.md").read_text()
+    named = set(re.findall(r"(?:jobs/configs|tune_spaces)/[\w./-]+\.yaml", readme) + re.findall(r"--config (\S+\.yaml)", readme))
+    placeholders = {"my_run.yaml", "ingest.yaml", ".../best.yaml"}  # the user's own files
+    assert named and [n for n in sorted(named - placeholders) if not (ROOT / n).exists()] == []

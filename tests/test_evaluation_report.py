@@ -26,7 +26,10 @@ SECTIONS = ("summary", "data", "audit", "ground-truth", "metrics", "curves", "ca
 def evaluated(tmp_path_factory, split_manifest_path, demo_dir, ray_session):
     root = tmp_path_factory.mktemp("report")
     votes = pd.read_csv(demo_dir / "rater_votes.csv")
-    manifest_path = write_manifest(attach(read_manifest(split_manifest_path), votes, replace_labels=False), str(root / "voted.parquet"))
+    voted = attach(read_manifest(split_manifest_path), votes, replace_labels=False)
+    # As a manifest written before ingest normalised metadata: ages as free text, a third of them '50+'.
+    voted.frame["age"] = voted.frame["age"].map("{:.0f}".format).where(voted.frame.index % 3 != 0, "50+")
+    manifest_path = write_manifest(voted, str(root / "voted.parquet"))
     config = build_config({
         "name": "report", "storage": str(root),
         "data": {"manifest": manifest_path, "image_size": 32},
@@ -60,6 +63,16 @@ def test_metrics_json_holds_each_label_with_patient_intervals_prevalence_and_cal
     assert set(metrics["agreement"]) == set(labels)
     assert {"sex", "age band", "view"} <= {row["dimension"] for row in metrics["subgroups"]}
     assert {row["cases"] for row in metrics["unanimous"]} == {"all", "unanimous"}
+
+
+def test_the_report_says_what_it_left_out_how_accuracy_is_measured_and_that_intended_use_is_not_stated(evaluated):
+    _, evaluation = evaluated
+    report = Path(evaluation.paths["report.md"]).read_text()
+    notes = json.loads(Path(evaluation.paths["metrics.json"]).read_text())["subgroup_notes"]
+    assert any(n.startswith("age band: ") and "have no readable value and are in no group" in n for n in notes)
+    assert all(note in report for note in notes)
+    assert "accuracy (val threshold)" in report and "accuracy (0.5)" in report and "mean accuracy at 0.5" in report
+    assert "Not stated (set evaluate.intended_use)" in report and "chest radiographs" not in report
 
 
 def test_subgroup_rows_show_sizes_and_mark_small_groups(evaluated):

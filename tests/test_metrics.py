@@ -90,6 +90,33 @@ def test_ordinal_summary_gives_accuracy_macro_auroc_and_quadratic_weighted_kappa
     assert "quadratic_weighted_kappa" not in single_label_summary("multi-class", onehot, probs)
 
 
+def test_binary_accuracy_is_reported_at_0_5_as_benchmarks_do_and_at_the_val_threshold():
+    val_y, val_p = np.array([0, 0, 1, 1]), np.array([0.1, 0.2, 0.3, 0.4])  # Youden on val: 0.3
+    table = label_table(["A"], val_y[:, None], val_p[:, None], Y[:, None].astype(float), P[:, None])
+    assert table.loc["A", "threshold"] == pytest.approx(0.3)
+    assert table.loc["A", "accuracy"] == pytest.approx(7 / 10)  # at 0.3: 0.3, 0.35 and 0.6 are false positives
+    assert table.loc["A", "accuracy_0.5"] == pytest.approx(8 / 10)  # at 0.5: 0.6 false positive, 0.4 false negative
+
+
+def test_ordinal_accuracy_is_the_argmax_of_differenced_cumulative_probabilities_beside_the_expected_grade():
+    import torch
+
+    from medray.losses import probabilities
+
+    exceeds = torch.tensor([[0.9, 0.55, 0.5, 0.05]])  # P(grade > k): class probabilities .10 .35 .05 .45 .05
+    probs = probabilities("ordinal", torch.logit(exceeds)).numpy().astype(float)
+    assert probs.argmax() == 3 and (probs @ np.arange(5)).item() == pytest.approx(2.0)
+    summary = single_label_summary("ordinal", np.eye(5)[[2]], probs)
+    assert summary["accuracy"] == 0.0 and summary["accuracy_expected_grade"] == 1.0
+    assert "accuracy_expected_grade" not in single_label_summary("multi-class", np.eye(5)[[2]], probs)
+
+
+def test_a_deployment_prevalence_for_a_label_the_model_lacks_is_an_error_naming_it():
+    y, p = Y[:, None].astype(float), P[:, None]
+    with pytest.raises(ValueError, match=r"deployment_prevalence names label\(s\) \['Nodule'\] that the model does not have"):
+        label_table(["Mass"], y, p, y, p, deployment_prevalence={"Mass": 0.02, "Nodule": 0.03})
+
+
 def test_evaluation_settings_are_validated_naming_the_field():
     from medray.config import ConfigError, build_config
 
@@ -99,3 +126,9 @@ def test_evaluation_settings_are_validated_naming_the_field():
         build_config({"evaluate": {"deployment_prevalence": {"Mass": 2}}})
     with pytest.raises(ConfigError, match="evaluate.threshold"):
         build_config({"evaluate": {"threshold": "accuracy"}})
+
+
+def test_a_threshold_near_1_is_shown_with_the_decimals_that_keep_it_below_1():
+    from medray.report.sections import threshold_text
+
+    assert [threshold_text(t) for t in (0.5, 0.99994, 0.0000312, 1.0, 0.9991)] == ["0.500", "0.99994", "0.00003", "1.000", "0.9991"]

@@ -1,4 +1,6 @@
-"""Several enriched labels at once, cross-site test splits and grouped stratified k-fold."""
+"""Several enriched labels at once, cross-site test splits, grouped stratified k-fold, and official splits kept."""
+
+import logging
 
 import numpy as np
 import pandas as pd
@@ -111,3 +113,20 @@ def test_medray_split_takes_several_labels_sites_and_folds(tmp_path):
     frame = read_manifest(out).frame
     assert (frame.loc[frame["site"] == "C", "split"] == "test").all()
     assert sorted(frame.loc[frame["site"] != "C", FOLD].unique()) == [0, 1, 2]
+
+
+def test_medray_split_keeps_an_official_split_with_a_warning_unless_forced(tmp_path, caplog):
+    from medray.cli import main
+    from medray.manifest import Manifest, read_manifest, write_manifest
+
+    manifest = synthetic()
+    official = np.where(manifest.frame.index % 10 == 0, "test", np.where(manifest.frame.index % 10 == 1, "val", "train"))
+    source = write_manifest(Manifest(manifest.frame.assign(split=official), manifest.labels), str(tmp_path / "m.parquet"))
+    with caplog.at_level(logging.WARNING, logger="medray.splits"):
+        main(["split", source, str(tmp_path / "kept.parquet")])
+    assert (read_manifest(str(tmp_path / "kept.parquet")).frame["split"] == official).all()
+    assert "already has a split (train 799, test 100, val 100): kept; pass --force" in caplog.text
+
+    main(["split", source, str(tmp_path / "forced.parquet"), "--force"])
+    forced = read_manifest(str(tmp_path / "forced.parquet")).frame
+    assert (forced["split"] != official).any() and (forced.groupby("patient_id")["split"].nunique() == 1).all()

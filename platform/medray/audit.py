@@ -1,6 +1,7 @@
 """Leakage audit of a split manifest: what could make a test score a memory test instead.
 
-Four checks, each an error when it finds anything:
+Four checks, each an error when it finds anything (and "not checked", never "pass", when the data
+do not allow it):
 
 - ``patient_overlap``: a patient with images in two splits;
 - ``study_overlap``: one study in two splits — from the ``study_id`` column, or else from NIH-style
@@ -59,8 +60,11 @@ class Audit:
     paths: dict[str, str]
 
 
-def _check(name: str, count: int, detail: str) -> dict:
-    return {"name": name, "passed": count == 0, "count": int(count), "detail": detail}
+def _check(name: str, count: int | None, detail: str) -> dict:
+    """One check's result; ``count`` None: the data did not allow the check, which is not a pass
+    (``passed`` stays true only so that an audit is not failed for what it could not look at)."""
+    status = "not checked" if count is None else "pass" if count == 0 else "FAIL"
+    return {"name": name, "passed": status != "FAIL", "status": status, "count": count, "detail": detail}
 
 
 def _in_several_splits(frame: pd.DataFrame, key: pd.Series) -> int:
@@ -170,7 +174,8 @@ def _markdown(result: dict, source: str, max_distance: int) -> str:
     lines = [f"# Leakage audit — {'passed' if result['passed'] else 'FAILED'}", "", f"Manifest: `{source}`", "",
              "| check | result | count | detail |", "|---|---|---|---|"]  # fmt: skip
     for c in result["checks"]:
-        lines.append(f"| {c['name']} | {'pass' if c['passed'] else '**FAIL**'} | {c['count']} | {c['detail']} |")
+        status = "**FAIL**" if c["status"] == "FAIL" else c["status"]
+        lines.append(f"| {c['name']} | {status} | {'–' if c['count'] is None else c['count']} | {c['detail']} |")
     pairs = result["near_duplicates"]
     if pairs:
         lines += ["", f"## Near-duplicate pairs (at most {max_distance} of {BITS} bits apart; first {len(pairs)})", "",
@@ -190,7 +195,7 @@ def audit(manifest_uri: str, out: str, max_distance: int = 12, thumbnail_pairs: 
     checks = [_check("patient_overlap", _in_several_splits(frame, frame["patient_id"]), "patients with images in more than one split")]
     studies, source = study_keys(frame)
     if studies is None:
-        checks.append(_check("study_overlap", 0, "not checked: no study_id column, file names not <patient>_<study>"))
+        checks.append(_check("study_overlap", None, "no study_id column, and file names are not <patient>_<study>"))
     else:
         checks.append(_check("study_overlap", _in_several_splits(frame, studies), f"studies in more than one split (from the {source})"))
     checks.append(_check("image_overlap", _in_several_splits(frame, frame["image"].astype(str)), "image URIs in more than one split"))
@@ -227,5 +232,5 @@ def audit(manifest_uri: str, out: str, max_distance: int = 12, thumbnail_pairs: 
     storage.write_text(paths["audit.json"], json.dumps(result, indent=2))
     storage.write_text(paths["audit.md"], _markdown(result, manifest_uri, max_distance))
     for c in checks:
-        (log.info if c["passed"] else log.error)("audit %s: %s (%d)", c["name"], "pass" if c["passed"] else "FAIL", c["count"])
+        (log.info if c["passed"] else log.error)("audit %s: %s (%s)", c["name"], c["status"], c["count"])
     return Audit(passed, checks, table.drop(columns=["i", "j"]), paths)

@@ -141,7 +141,10 @@ def _ingest(args: argparse.Namespace) -> None:
     if args.labels:
         overrides.append(f"ingest.labels={json.dumps(args.labels.split(','))}")
     config = _start("ingest", args.config, overrides)
-    result = ingest(storage.absolute(args.source), storage.absolute(args.out), config.ingest)
+    try:
+        result = ingest(storage.absolute(args.source), storage.absolute(args.out), config.ingest)
+    except ValueError as err:  # the user's table or settings: one line naming the file or field
+        sys.exit(f"medray ingest: {err}")
     print(f"{result.balance}\nmanifest: {result.manifest}\nquarantine: {result.quarantine}")
 
 
@@ -176,6 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     split.add_argument("--seed", type=int, default=0)
     split.add_argument("--sites", help="comma-separated values of the 'site' column held out as test (cross-site)")
     split.add_argument("--folds", type=int, help="grouped stratified k-fold over the patients outside test (column 'fold')")
+    split.add_argument("--force", action="store_true", help="replace a split the manifest already has (e.g. an official one)")
 
     audit = verbs.add_parser("audit", help="leakage audit of a split manifest: patients, studies, near-duplicate images")
     audit.add_argument("manifest")
@@ -245,14 +249,13 @@ def main(argv: list[str] | None = None) -> None:
         print(f"tissue covers {mask.fraction:.1%} of the slide{' — NO TISSUE FOUND' if mask.empty else ''} → {args.out}")
     elif args.verb == "split":
         from medray.manifest import Manifest, read_manifest, write_manifest
-        from medray.splits import split_by_patient, summary
+        from medray.splits import split_unless_split, summary
 
         manifest = read_manifest(storage.absolute(args.manifest))
         label = args.label.split(",") if args.label else None
         sites = args.sites.split(",") if args.sites else None
-        frame = split_by_patient(
-            manifest, args.val, args.test, args.min_positive, label, args.seed, args.train_keeps_positive, sites, args.folds
-        )
+        frame = split_unless_split(manifest, args.force, val=args.val, test=args.test, min_positive=args.min_positive, label=label,
+                                   seed=args.seed, train_keeps_positive=args.train_keeps_positive, sites=sites, folds=args.folds)  # fmt: skip
         write_manifest(Manifest(frame, manifest.labels, manifest.task), storage.absolute(args.out))
         print(summary(frame, manifest.labels).round(3).to_string())
     elif args.verb == "audit":
@@ -270,7 +273,7 @@ def _audit(args: argparse.Namespace) -> None:
     except ValueError as err:  # a manifest that cannot be audited: missing, unsplit, invalid
         sys.exit(f"medray audit: {err}")
     for check in result.checks:
-        print(f"{'pass' if check['passed'] else 'FAIL'}  {check['name']:<16} {check['count']:>6}  {check['detail']}")
+        print(f"{check['status']:<4}  {check['name']:<16} {'–' if check['count'] is None else check['count']:>6}  {check['detail']}")
     print(f"{'passed' if result.passed else 'FAILED'}: {result.paths['audit.md']}")
     if not result.passed:
         sys.exit(1)

@@ -7,6 +7,7 @@ because Ray workers do not run in the directory the user typed the command in.
 
 from __future__ import annotations
 
+import codecs
 import re
 from typing import Annotated, Literal
 
@@ -24,6 +25,14 @@ from pydantic import (
 from medray import storage
 
 Uri = Annotated[str, AfterValidator(storage.absolute)]
+
+
+def _codec(name: str) -> str:
+    try:
+        codecs.lookup(name)
+    except LookupError:
+        raise ValueError(f"unknown encoding {name!r}; e.g. utf-8, cp1252, latin-1, utf-16-le") from None
+    return name
 
 
 class ConfigError(ValueError):
@@ -152,10 +161,8 @@ class EvaluateConfig(_Section):
     temperature_scaling: bool = Field(True, description="fit temperatures on val, write calibration.json to the checkpoint")
     subgroup_min_cases: int = Field(10, ge=1, description="subgroups with fewer positives or negatives are marked small")
     gallery: int = Field(3, ge=0, description="top false positives and false negatives per label, with Grad-CAM")
-    intended_use: str = Field(
-        "Research and development only: a second reader's aid for the listed findings on frontal chest radiographs "
-        "of adults, not a diagnostic device.",
-        description="the model card's intended-use statement",
+    intended_use: str | None = Field(
+        None, description="the model card's intended-use statement; default: 'not stated', with what the data show"
     )
 
     @model_validator(mode="after")
@@ -198,7 +205,9 @@ class ColumnsConfig(_Section):
     """Column mapping of a ``csv`` (CSV or Parquet) label table."""
 
     image: str = Field("image", description="column holding the image path or ID")
-    image_pattern: str = Field("{}", description="path from the column's value, relative to the table, e.g. images/{}.jpg")
+    image_pattern: str | list[str] = Field(
+        "{}", description="path from the column's value, e.g. images/{}.jpg; a list is tried in order (.jpg, then .png)"
+    )
     patient: str | None = Field("patient_id", description="patient column (not needed with a grouping rule)")
     study: str | None = None
     labels: list[str] = Field(default_factory=list, description="multi-label: the 0/1 label columns")
@@ -216,6 +225,9 @@ class IngestConfig(_Section):
     columns: ColumnsConfig = ColumnsConfig()
     grouping: Literal["none", "ham10000", "eyes"] = Field("none", description="csv: patient groups for HAM10000 / EyePACS")
     images: Uri | None = Field(None, description="csv: folder relative image paths start from; default: the table's")
+    encoding: Annotated[str, AfterValidator(_codec)] | None = Field(
+        None, description="label CSVs without a byte-order mark; default: UTF-8, else cp1252 with a warning"
+    )
     uncertainty: Literal["ignore", "ones", "zeros"] = Field("ignore", description="chexpert: policy for -1 labels")
     uncertainty_per_label: dict[str, Literal["ignore", "ones", "zeros"]] = Field(default_factory=dict)
     views: list[str] | None = Field(None, description="chexpert: keep only these Frontal/Lateral or AP/PA values")

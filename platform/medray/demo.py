@@ -56,7 +56,7 @@ def run_demo(config: JobConfig) -> None:
     print(summary(frame, manifest.labels).round(3).to_string())
     # The report shows this audit: no patient, study or near-duplicate image on both sides of a split.
     leakage = audit(config.manifest, storage.join(config.run_dir, "audit"), config.audit.max_distance, config.audit.thumbnails)
-    counts = ", ".join(f"{c['name']} {c['count']}" for c in leakage.checks)
+    counts = ", ".join(f"{c['name']} {c['status'] if c['count'] is None else c['count']}" for c in leakage.checks)
     print(f"leakage audit: {'passed' if leakage.passed else 'FAILED'} ({counts})")
 
     _step("4/6 train (Ray Train, DDP)")

@@ -22,7 +22,7 @@ from medray.config import JobConfig
 from medray.data import rows
 from medray.labels import agreement_summary
 from medray.manifest import read_manifest
-from medray.metrics import at_threshold, auroc, label_table, single_label_summary
+from medray.metrics import at_threshold, auroc, check_prevalence, label_table, single_label_summary
 from medray.predict import predict, prob_columns
 from medray.subgroups import subgroup_table
 
@@ -143,6 +143,7 @@ def evaluate(config: JobConfig) -> Evaluation:
     if config.data.fold is not None:  # thresholds on the fold the model was validated on
         manifest.frame = splits.fold_view(manifest.frame, config.data.fold)
     labels, probs, task = manifest.labels, prob_columns(manifest.labels), manifest.task
+    check_prevalence(labels, e.deployment_prevalence)  # before the slow part
     frame = manifest.frame
     columns = ["image", "split", *labels, *(c for c in frame if c in METADATA or c.startswith(VOTE_PREFIXES))]
     held_out = frame[frame["split"].isin(["val", "test"])][columns]

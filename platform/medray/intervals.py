@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import norm
 
-INTERVAL_METRICS = ("auroc", "auprc", "sensitivity", "specificity", "ppv", "npv", "f1")
+INTERVAL_METRICS = ("auroc", "auprc", "sensitivity", "specificity", "ppv", "npv", "f1", "accuracy")
 
 
 def patient_weights(patient_ids, resamples: int, seed: int = 0) -> np.ndarray:
@@ -70,6 +70,7 @@ def weighted_at_threshold(y: np.ndarray, p: np.ndarray, w: np.ndarray, threshold
             "ppv": tp / (tp + fp),
             "npv": tn / (tn + fn),
             "f1": 2 * tp / (2 * tp + fp + fn),
+            "accuracy": (tp + tn) / (tp + tn + fp + fn),
         }
 
 

@@ -186,6 +186,19 @@ def split_by_patient(
     return result
 
 
+def split_unless_split(manifest: Manifest, force: bool = False, **kwargs) -> pd.DataFrame:
+    """What ``medray split`` does: a manifest that came with a split of its own (NIH's official lists,
+    MedMNIST's archive) keeps it, with a warning, since published results are measured on it and a
+    re-split silently makes them incomparable; ``force`` replaces it by ``split_by_patient(**kwargs)``."""
+    frame = manifest.frame
+    if not force and "split" in frame and frame["split"].notna().any():
+        counts = frame["split"].value_counts(dropna=False).to_dict()
+        log.warning("the manifest already has a split (%s): kept; pass --force to replace it by a patient-level split",
+                    ", ".join(f"{name} {n}" for name, n in counts.items()))  # fmt: skip
+        return frame
+    return split_by_patient(manifest, **kwargs)
+
+
 def fold_view(frame: pd.DataFrame, fold: int) -> pd.DataFrame:
     """The split manifest with fold ``fold`` as val and the other folds as train; test unchanged."""
     if FOLD not in frame:

@@ -18,7 +18,8 @@ from medray.datasets.table import ingest_table
 def _options(config) -> Options:
     dicom_ids = config.format == "folder" if config.dicom_ids is None else config.dicom_ids
     salt = config.salt.get_secret_value() if config.salt else None
-    options = Options(check=config.check, pseudonymise=config.pseudonymise, salt=salt, ids_from_dicom=dicom_ids)
+    options = Options(check=config.check, pseudonymise=config.pseudonymise, salt=salt, ids_from_dicom=dicom_ids,
+                      encoding=config.encoding)  # fmt: skip
     if options.pseudonymise:
         options.secret()  # a missing salt fails before any work is done
     return options

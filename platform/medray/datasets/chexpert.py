@@ -11,13 +11,13 @@ rows filtered out are recorded in the quarantine with that reason, so the count 
 
 from __future__ import annotations
 
-import io
 import re
 
 import numpy as np
 import pandas as pd
 
 from medray import storage
+from medray.datasets.encoding import read_csv
 from medray.datasets.ingest import FileIndex, IngestResult, Options, Rejects, finish
 
 CHEXPERT_LABELS = (
@@ -31,10 +31,10 @@ PATIENT = re.compile(r"(patient\d+)/(study\d+)/")
 FILES = ("train.csv", "valid.csv")
 
 
-def _tables(source: str) -> list[tuple[str, pd.DataFrame]]:
+def _tables(source: str, encoding: str | None) -> list[tuple[str, pd.DataFrame]]:
     """``source`` is one of the CSVs or the folder holding them; each table keeps its file's name."""
     uris = [source] if source.lower().endswith(".csv") else [storage.join(source, f) for f in FILES]
-    found = [(uri, pd.read_csv(io.BytesIO(storage.read_bytes(uri)), dtype=str, keep_default_na=False))
+    found = [(uri, read_csv(uri, encoding, dtype=str, keep_default_na=False))
              for uri in uris if storage.exists(uri)]  # fmt: skip
     if not found:
         raise ValueError(f"{source}: no CheXpert train.csv or valid.csv found")
@@ -75,7 +75,7 @@ def ingest_chexpert(
     if unknown:
         raise ValueError(f"labels {unknown} are not CheXpert labels; known: {list(CHEXPERT_LABELS)}")
     policy = _policies(labels, uncertainty, uncertainty_per_label or {})
-    tables = _tables(source)
+    tables = _tables(source, options.encoding)
     root = storage.parent(tables[0][0])
     index = FileIndex(root)
 
@@ -108,7 +108,7 @@ def ingest_chexpert(
                 "view": entry.get("Frontal/Lateral", ""),
                 "projection": entry.get("AP/PA", ""),
                 "sex": entry.get("Sex", ""),
-                "age": pd.to_numeric(entry.get("Age", ""), errors="coerce"),
+                "age": entry.get("Age", ""),
             }
             for label, value in cells.items():
                 number = VALUES[value]

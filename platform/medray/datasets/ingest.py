@@ -9,6 +9,7 @@ when asked), pseudonymises IDs, writes the manifest and its quarantine table, an
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import logging
@@ -18,8 +19,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+import pyarrow.fs as pafs
 
-from medray import images, storage
+from medray import images, metadata, storage
 from medray.dicom import DicomError, is_dicom, read_header
 from medray.manifest import Manifest, write_manifest, write_quarantine
 
@@ -48,6 +50,7 @@ class Options:
     pseudonymise: bool = False
     salt: str | None = field(default=None, repr=False)  # never printed, never logged
     ids_from_dicom: bool = False  # take patient_id / study_id from DICOM headers
+    encoding: str | None = None  # of label CSVs without a byte-order mark (see datasets.encoding)
 
     def secret(self) -> bytes:
         salt = self.salt or os.environ.get(SALT_ENV)
@@ -75,30 +78,47 @@ class Rejects:
         return len(self.rows)
 
 
+def _is_file(uri: str) -> bool:
+    fs, path = storage.filesystem(uri)
+    return fs.get_file_info(path).type == pafs.FileType.File
+
+
 class FileIndex:
-    """All files under a root, listed once (one S3 listing instead of a request per row)."""
+    """All files under a root, listed once (one S3 listing instead of a request per row) and only
+    when a relative path or a bare name is first looked up."""
 
     def __init__(self, root: str) -> None:
         self.root = root.rstrip("/") if storage.is_s3(root) else storage.absolute(root)
-        self.files = set(storage.list_files(self.root))
-        self.by_name: dict[str, str] = {}
-        for uri in sorted(self.files):
-            self.by_name.setdefault(posixpath.basename(uri), uri)
 
-    def resolve(self, relative: str) -> tuple[str, bool]:
-        """``relative`` → (URI, found). A path may start with the root folder's own name, as
+    @functools.cached_property
+    def files(self) -> set[str]:
+        return set(storage.list_files(self.root))
+
+    @functools.cached_property
+    def by_name(self) -> dict[str, str]:
+        by_name: dict[str, str] = {}
+        for uri in sorted(self.files):
+            by_name.setdefault(posixpath.basename(uri), uri)
+        return by_name
+
+    def resolve(self, path: str) -> tuple[str, bool]:
+        """``path`` → (URI, found). An ``s3://`` URI or an absolute local path is used as it is; a
+        relative path starts at the root, and may start with the root folder's own name, as
         CheXpert's ``Path`` column does (``CheXpert-v1.0-small/train/…``); a bare file name is
         looked up anywhere below the root (HAM10000 spreads its images over two folders)."""
-        relative = str(relative).strip().lstrip("/")
-        candidates = [storage.join(self.root, relative)]
-        head, _, rest = relative.partition("/")
+        path = str(path).strip()
+        if storage.is_s3(path) or os.path.isabs(path):
+            uri = path if storage.is_s3(path) else os.path.normpath(path)
+            return uri, uri in self.files if uri.startswith(self.root + "/") else _is_file(uri)
+        candidates = [storage.join(self.root, path)]
+        head, _, rest = path.partition("/")
         if rest and head == posixpath.basename(self.root):
             candidates.insert(0, storage.join(self.root, rest))
         for uri in candidates:
             if uri in self.files:
                 return uri, True
-        if "/" not in relative and relative in self.by_name:
-            return self.by_name[relative], True
+        if "/" not in path and path in self.by_name:
+            return self.by_name[path], True
         return candidates[-1], False
 
     def by_basename(self, name: str) -> str | None:
@@ -227,7 +247,7 @@ def finish(
     write_quarantine(rejects.rows, result.quarantine)
     if frame.empty:
         raise ValueError(f"{source}: no usable rows ({result.balance}; reasons in {result.quarantine})")
-    write_manifest(Manifest(frame, list(labels), task), out)
+    write_manifest(Manifest(metadata.normalise(frame, source), list(labels), task), out)
     never = [label for label in labels if not (frame[label] == 1).any()]
     if never:
         log.warning("labels with no positive image: %s", never)

@@ -10,13 +10,13 @@ is kept as the ``split`` column, with val carved out of train_val by whole patie
 
 from __future__ import annotations
 
-import io
 import logging
 
 import numpy as np
 import pandas as pd
 
 from medray import storage
+from medray.datasets.encoding import read_csv
 from medray.datasets.ingest import FileIndex, IngestResult, Options, Rejects, finish
 
 log = logging.getLogger(__name__)
@@ -30,14 +30,8 @@ COLUMNS = {"Image Index": "name", "Finding Labels": "findings", "Patient ID": "p
 OPTIONAL = {"Patient Age": "age", "Patient Gender": "sex", "Patient Sex": "sex", "View Position": "view"}
 
 
-def _age(value) -> float:
-    """Ages are integers in the 2017 release and '058Y' strings in the first one."""
-    text = str(value).strip().upper().rstrip("Y")
-    return float(text) if text.isdigit() else np.nan
-
-
-def read_entries(csv_uri: str) -> pd.DataFrame:
-    raw = pd.read_csv(io.BytesIO(storage.read_bytes(csv_uri)), dtype=str, skipinitialspace=True)
+def read_entries(csv_uri: str, encoding: str | None = None) -> pd.DataFrame:
+    raw = read_csv(csv_uri, encoding, dtype=str, skipinitialspace=True)
     raw.columns = [c.strip() for c in raw.columns]
     missing = [c for c in COLUMNS if c not in raw]
     if missing:
@@ -82,7 +76,7 @@ def ingest_nih(
     unknown = [label for label in labels if label not in NIH_LABELS]
     if unknown:
         raise ValueError(f"labels {unknown} are not NIH ChestX-ray14 labels; known: {list(NIH_LABELS)}")
-    entries = read_entries(csv_uri)
+    entries = read_entries(csv_uri, options.encoding)
     root = storage.parent(csv_uri)
     index = FileIndex(root)
 
@@ -103,11 +97,9 @@ def ingest_nih(
                 "name": entry.name,
                 **{label: float(label in tokens) for label in labels},
             }
-            for key in ("sex", "view"):
+            for key in ("sex", "age", "view"):  # ages: integers in the 2017 release, '058Y' in the first
                 if hasattr(entry, key):
                     row[key] = getattr(entry, key)
-            if hasattr(entry, "age"):
-                row["age"] = _age(entry.age)
             rows.append(row)
 
     frame = pd.DataFrame(rows)

@@ -1,8 +1,10 @@
 """Any CSV or Parquet label table + a column mapping from the config → canonical manifest.
 
 The mapping (``ingest.columns``) names the image column (with ``image_pattern`` to turn an ID into
-a path, e.g. ``"images/{}.jpg"``), the patient and study columns, the label columns and metadata
-columns to carry over. Labels are either several 0/1 columns (``multi-label``) or one column of
+a path, e.g. ``"images/{}.jpg"``, or a list tried in order, ``["images/{}.jpg", "images/{}.png"]``,
+for a release that mixes formats), the patient and study columns, the label columns and metadata
+columns to carry over. An absolute path or ``s3://`` URI is used as it is; a relative path starts at
+``ingest.images`` (default: the table's folder). Labels are either several 0/1 columns (``multi-label``) or one column of
 class names or grades (``multi-class`` / ``ordinal``, written as one-hot columns in ``classes``
 order, as medray.losses expects).
 
@@ -23,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from medray import storage
+from medray.datasets.encoding import read_csv
 from medray.datasets.ingest import (
     FileIndex,
     IngestResult,
@@ -36,11 +39,10 @@ GROUPINGS = ("none", "ham10000", "eyes")
 EYE = re.compile(r"^(.*?)[_-](left|right)$", re.IGNORECASE)
 
 
-def read_table(uri: str) -> pd.DataFrame:
-    data = io.BytesIO(storage.read_bytes(uri))
+def read_table(uri: str, encoding: str | None = None) -> pd.DataFrame:
     if uri.lower().endswith((".parquet", ".pq")):
-        return pd.read_parquet(data).astype(object)
-    return pd.read_csv(data, dtype=str, keep_default_na=False, skipinitialspace=True)
+        return pd.read_parquet(io.BytesIO(storage.read_bytes(uri))).astype(object)
+    return read_csv(uri, encoding, dtype=str, keep_default_na=False, skipinitialspace=True)
 
 
 def eye_patient(image_id: str) -> str:
@@ -59,6 +61,12 @@ def _patients(table: pd.DataFrame, columns, grouping: str, uri: str) -> pd.Serie
     if columns.patient is None:
         raise ValueError(f"{uri}: set ingest.columns.patient (or a grouping rule); every image needs a patient")
     return table[columns.patient].astype(str).where(table[columns.patient].notna(), "")
+
+
+def _find(index: FileIndex, patterns: list[str], value: str) -> tuple[str, bool]:
+    """The first of ``patterns`` (``images/{}.jpg``, ``images/{}.png``) whose file exists; else the first's URI."""
+    tried = [index.resolve(pattern.format(value)) for pattern in patterns]
+    return next((found for found in tried if found[1]), tried[0])
 
 
 def _label_cells(table: pd.DataFrame, columns, task: str) -> tuple[list[str], list[dict | str]]:
@@ -100,7 +108,7 @@ def ingest_table(
     options = options or Options()
     if grouping not in GROUPINGS:
         raise ValueError(f"unknown grouping {grouping!r}; known: {', '.join(GROUPINGS)}")
-    table = read_table(table_uri)
+    table = read_table(table_uri, options.encoding)
     needed = [columns.image, *([columns.patient] if columns.patient and grouping == "none" else []),
               *(columns.labels if task == "multi-label" else [columns.label] if columns.label else []),
               *([columns.study] if columns.study else []), *columns.metadata]  # fmt: skip
@@ -108,13 +116,14 @@ def ingest_table(
     if missing:
         raise ValueError(f"{table_uri}: missing column(s) {missing}; found {list(table.columns)}")
     index = FileIndex(images_root or storage.parent(table_uri))
+    patterns = [columns.image_pattern] if isinstance(columns.image_pattern, str) else list(columns.image_pattern)
     patients = _patients(table, columns, grouping, table_uri)
     names, cells = _label_cells(table, columns, task)
 
     rows, rejects = [], Rejects()
     for i, entry in enumerate(table.itertuples(index=False)):
         record = dict(zip(table.columns, entry))
-        image, found = index.resolve(columns.image_pattern.format(str(record[columns.image]).strip()))
+        image, found = _find(index, patterns, str(record[columns.image]).strip())
         if not found:
             rejects.add(image, "image file not found")
         elif isinstance(cells[i], str):
