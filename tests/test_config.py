@@ -58,3 +58,24 @@ def test_strategies_are_chosen_by_name_and_checked():
     assert (config.loss.weighting, config.sampling.strategy, config.model.freeze) == ("effective_number", "oversample", "gradual")
     with pytest.raises(ConfigError, match="loss.weighting"):
         build_config(overrides=["loss.weighting=inverse"])
+
+
+def test_the_defaults_that_validation_trusts_without_importing_torch_are_valid():
+    from medray.augment import policy
+    from medray.config import DataConfig, ModelConfig
+    from medray.models import BACKBONES
+
+    policy(DataConfig().augment, DataConfig().augment_params)
+    assert ModelConfig().backbone in BACKBONES
+
+
+def test_a_config_error_is_one_line_naming_each_bad_field():
+    with pytest.raises(ConfigError) as err:
+        build_config({"train": {"epochs": 0, "lr": -1}}, source="job.yaml")
+    assert "\n" not in str(err.value) and "train.epochs" in str(err.value) and "train.lr" in str(err.value)
+
+
+def test_a_malformed_salt_is_not_echoed():
+    with pytest.raises(ConfigError, match="ingest.salt") as err:
+        build_config({"ingest": {"salt": 271828182845}})
+    assert "271828182845" not in str(err.value)

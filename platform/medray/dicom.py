@@ -16,6 +16,8 @@ import warnings
 
 import numpy as np
 
+from medray.errors import MedrayError
+
 PREAMBLE = 128
 
 
@@ -24,7 +26,7 @@ def is_dicom(data: bytes) -> bool:
     return len(data) >= PREAMBLE + 4 and data[PREAMBLE : PREAMBLE + 4] == b"DICM"
 
 
-class DicomError(ValueError):
+class DicomError(MedrayError, ValueError):
     pass
 
 

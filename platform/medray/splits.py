@@ -23,13 +23,14 @@ import math
 import numpy as np
 import pandas as pd
 
+from medray.errors import CheckFailed
 from medray.manifest import SPLITS, Manifest
 
 log = logging.getLogger(__name__)
 FOLD = "fold"
 
 
-class LeakageError(AssertionError):
+class LeakageError(CheckFailed, AssertionError):
     pass
 
 
