@@ -1,0 +1,47 @@
+"""Starting a job: the validated config, the S3 settings every client must share, then Ray.
+
+``start`` is what the command line does before each verb, and what a Python user calls before the
+job functions (``medray.start("job.yaml")``), so that both see the same S3 endpoint and the same Ray.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from medray import storage
+from medray.config import JobConfig, load_config
+
+
+def start(config: JobConfig | str | None = None, overrides: list[str] | None = None, ray: bool = True) -> JobConfig:
+    """The config (a ``JobConfig``, or a YAML path plus ``--set``-style overrides), with its S3 settings
+    applied to this process's environment *before* Ray starts, so that Ray's local workers inherit them."""
+    if not isinstance(config, JobConfig):
+        config = load_config(config, overrides)
+    elif overrides:
+        raise TypeError("overrides apply to a config file; edit a JobConfig with model_copy(update=...)")
+    storage.configure_s3(config.s3.endpoint_url, config.s3.region)
+    if ray:
+        init_ray()
+    return config
+
+
+def init_ray() -> None:
+    """Join the cluster a job was submitted to (RAY_ADDRESS), or start a local Ray, quietly: Ray's own
+    logs stay in its session files, and Ray Data draws progress bars only on a terminal."""
+    import ray
+    import ray.data
+
+    if not ray.is_initialized():
+        # RAY_ADDRESS is set by `ray job submit` (or by the user, for a running cluster); without it,
+        # start a local Ray rather than attach to whatever cluster last ran on this machine.
+        # Workers' output still reaches the driver (log_to_driver): the training loop prints its epochs there.
+        ray.init(address=None if os.environ.get("RAY_ADDRESS") else "local", logging_level=logging.WARNING)
+    # Redrawn bars are hundreds of lines in a log file or a pipe; the datasets built from here on (and the
+    # actors that run them, such as Ray Train's split coordinator) take this context with them.
+    ray.data.DataContext.get_current().enable_progress_bars = sys.stdout.isatty()
+    # Ray Data prints every execution plan at INFO; its log file keeps them.
+    for handler in logging.getLogger("ray.data").handlers:
+        if not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.WARNING)
