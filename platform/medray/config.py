@@ -255,8 +255,8 @@ class WsiConfig(_Section):
 
 
 class JobConfig(_Section):
-    name: str = Field("demo", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    storage: Uri = "runs"
+    name: str = Field("demo", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="the run's name: outputs go to <storage>/<name>/")
+    storage: Uri = Field("runs", description="local folder or s3:// prefix of the runs; a rerun of a name resumes it")
     demo_data: DemoDataConfig = DemoDataConfig()
     split: SplitConfig = SplitConfig()
     data: DataConfig = DataConfig()
