@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from pathlib import Path
 
 from medray import storage
 from medray.config import JobConfig, load_config
@@ -34,14 +35,28 @@ def init_ray() -> None:
     import ray.data
 
     if not ray.is_initialized():
-        # RAY_ADDRESS is set by `ray job submit` (or by the user, for a running cluster); without it,
-        # start a local Ray rather than attach to whatever cluster last ran on this machine.
         # Workers' output still reaches the driver (log_to_driver): the training loop prints its epochs there.
-        ray.init(address=None if os.environ.get("RAY_ADDRESS") else "local", logging_level=logging.WARNING)
+        if os.environ.get("RAY_ADDRESS"):  # set by `ray job submit`, or by the user for a running cluster
+            ray.init(logging_level=logging.WARNING)
+        else:  # a local Ray of its own, never whatever cluster last ran on this machine
+            ray.init(address="local", logging_level=logging.WARNING, runtime_env={"env_vars": _quiet_ray_data()})
     # Redrawn bars are hundreds of lines in a log file or a pipe; the datasets built from here on (and the
     # actors that run them, such as Ray Train's split coordinator) take this context with them.
-    ray.data.DataContext.get_current().enable_progress_bars = sys.stdout.isatty()
+    ray.data.DataContext.get_current().enable_progress_bars = _terminal()
     # Ray Data prints every execution plan at INFO; its log file keeps them.
     for handler in logging.getLogger("ray.data").handlers:
         if not isinstance(handler, logging.FileHandler):
             handler.setLevel(logging.WARNING)
+
+
+def _terminal() -> bool:
+    return sys.stdout.isatty()
+
+
+def _quiet_ray_data() -> dict[str, str]:
+    """Environment of a local Ray's processes: Ray Data's console at WARNING (its log file keeps the rest)
+    and, off a terminal, no progress bars in datasets that workers create themselves."""
+    env = {"RAY_DATA_LOGGING_CONFIG": str(Path(__file__).with_name("ray_data_logging.yaml"))}
+    if not _terminal():
+        env["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
+    return env
