@@ -7,9 +7,9 @@ import tracemalloc
 
 import numpy as np
 import pytest
-from dicom_files import dataset, gradient, to_bytes
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
+from dicom_files import dataset, gradient, to_bytes
 from medray.images import ImageError, decode
 
 
