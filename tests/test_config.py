@@ -99,3 +99,24 @@ def test_every_config_the_readme_names_exists():
     named = set(re.findall(r"(?:jobs/configs|tune_spaces)/[\w./-]+\.yaml", readme) + re.findall(r"--config (\S+\.yaml)", readme))
     placeholders = {"my_run.yaml", "ingest.yaml", ".../best.yaml"}  # the user's own files
     assert named and [n for n in sorted(named - placeholders) if not (ROOT / n).exists()] == []
+
+
+def test_the_defaults_that_validation_trusts_without_importing_torch_are_valid():
+    from medray.augment import resolve
+    from medray.config import DataConfig, ModelConfig
+    from medray.models import BACKBONES
+
+    resolve(DataConfig().augment, DataConfig().augment_params)
+    assert ModelConfig().backbone in BACKBONES
+
+
+def test_a_config_error_is_one_line_naming_each_bad_field():
+    with pytest.raises(ConfigError) as err:
+        build_config({"train": {"epochs": 0, "lr": -1}}, source="job.yaml")
+    assert "\n" not in str(err.value) and "train.epochs" in str(err.value) and "train.lr" in str(err.value)
+
+
+def test_a_malformed_salt_is_not_echoed():
+    with pytest.raises(ConfigError, match="ingest.salt") as err:
+        build_config({"ingest": {"salt": 271828182845}})
+    assert "271828182845" not in str(err.value)

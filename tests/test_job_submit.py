@@ -1,7 +1,9 @@
 """`ray job submit` against a real local cluster that the test starts (`ray start --head`) and stops."""
 
+import contextlib
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -23,10 +25,24 @@ def venv_env() -> dict:
     return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_ports(count: int) -> list[int]:
+    """Distinct ports, free now, that nothing else takes before the head binds them: below the kernel's
+    ephemeral range (where bind(0) and outgoing connections, Ray's own included, get theirs) and above Ray's
+    worker ports (10002-19999). A port given back by bind(0) could be handed to the next process at once."""
+    ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    candidates = random.Random().sample(range(20_000, ephemeral_low), k=200)  # parallel sessions pick apart
+    with contextlib.ExitStack() as held:  # held until all are chosen, so no two are the same
+        ports = []
+        for port in candidates:
+            s = held.enter_context(socket.socket())
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            ports.append(port)
+            if len(ports) == count:
+                return ports
+    raise RuntimeError("no free ports below the ephemeral range")
 
 
 @pytest.fixture(scope="module")
@@ -34,14 +50,12 @@ def cluster(tmp_path_factory, ray_session):
     """A second, separate Ray: the session's own local Ray is started first, so it never joins this one.
     One head for the module's jobs."""
     tmp_path = tmp_path_factory.mktemp("head")
-    dashboard = free_port()
     # Ports of its own, so that its agents do not collide with the session's Ray on the same machine.
-    gcs_port = str(free_port())
-    ports = [f"--port={gcs_port}"] + [
-        f"--{name}={free_port()}"
-        for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
-                     "metrics-export-port", "ray-client-server-port")  # fmt: skip
-    ]
+    names = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port",
+             "metrics-export-port", "ray-client-server-port")  # fmt: skip
+    dashboard, gcs, *agents = free_ports(2 + len(names))
+    gcs_port = str(gcs)
+    ports = [f"--port={gcs_port}"] + [f"--{name}={port}" for name, port in zip(names, agents)]
     head = subprocess.Popen(
         [RAY, "start", "--head", "--block", *ports, "--num-cpus=2", "--include-dashboard=true",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--disable-usage-stats"],  # fmt: skip

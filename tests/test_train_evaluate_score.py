@@ -50,11 +50,14 @@ def test_validation_metrics_cover_the_whole_val_split_gathered_from_all_workers(
     assert 0 <= result.metrics["val_auroc_mean"] <= 1
 
 
-def test_resubmitting_a_run_resumes_from_its_last_checkpoint(run, split_manifest_path):
-    config, _ = run
+def test_resubmitting_a_run_resumes_from_its_last_checkpoint(run, split_manifest_path, tmp_path):
+    shared, _ = run
+    storage = tmp_path / "runs"  # a copy to resume: the module's run stays as the other tests expect it
+    shutil.copytree(shared.storage, storage)
+    config = job(storage, split_manifest_path, epochs=2)
     first = f"{config.run_dir}/train/epoch_000/model.pt"
     before = open(first, "rb").read()
-    result = train(job(config.storage, split_manifest_path, epochs=2))
+    result = train(config)
     meta = json.loads(open(f"{config.run_dir}/train/epoch_001/meta.json").read())
     assert meta["epoch"] == 1
     assert open(first, "rb").read() == before, "epoch 0 was trained again instead of resumed"

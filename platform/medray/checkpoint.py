@@ -22,6 +22,7 @@ import os
 import torch
 
 from medray import storage
+from medray.errors import MedrayError
 from medray.losses import head_size
 from medray.models import Classifier, build_model
 
@@ -29,7 +30,7 @@ MODEL_FILE, META_FILE, BEST_FILE = "model.pt", "meta.json", "best_checkpoint.jso
 MANIFEST_FILE = "manifest.json"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(MedrayError, ValueError):
     pass
 
 

@@ -1,287 +1,144 @@
 """``medray <verb>``: the command line, and ``run_job`` for the thin ``jobs/*.py`` entrypoints.
 
-Jobs that run on Ray (train, evaluate, score, demo) take one YAML config plus ``--set`` overrides
-and write the resolved config next to their outputs.
+One table, ``COMMANDS``, holds every verb. A verb with settings takes ``--config FILE`` and ``--set
+section.key=value``; its own flags are shorthands for config keys (``medray split --val 0.2`` is
+``--set split.val=0.2``), so a YAML and the flags can never disagree. Heavy libraries (torch, Ray,
+pandas) are imported by the verb that runs, never by ``medray --help``.
+
+A user's mistake (``MedrayError``) is printed as one line and exits 2 (1 when a check failed);
+anything else is a bug and keeps its traceback. ``--debug`` shows the traceback of either.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import logging
-import os
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
-from medray import storage
-from medray.config import ConfigError, JobConfig, load_config, save_config
+from medray.errors import CheckFailed, DataError, MedrayError
 
 log = logging.getLogger("medray")
+CONFIG_KEY = "config:"  # argparse dest prefix of the flags that stand for a config key
 
 
-def init_ray() -> None:
-    """Join the cluster a job was submitted to (RAY_ADDRESS), or start a local Ray."""
-    import ray
-    import ray.data
-
-    if not ray.is_initialized():
-        # RAY_ADDRESS is set by `ray job submit` (or by the user, for a running cluster); without it,
-        # start a local Ray rather than attach to whatever cluster last ran on this machine.
-        ray.init(address=None if os.environ.get("RAY_ADDRESS") else "local", logging_level=logging.WARNING)
-    # Ray Data prints every execution plan at INFO; its progress bars (and its log file) are enough.
-    for handler in logging.getLogger("ray.data").handlers:
-        if not isinstance(handler, logging.FileHandler):
-            handler.setLevel(logging.WARNING)
+@dataclass(frozen=True)
+class Command:
+    run: Callable[[argparse.Namespace, Any], None]  # (arguments, JobConfig or None)
+    help: str
+    arguments: Callable[[argparse.ArgumentParser], None] = lambda parser: None
+    config: bool = True  # takes --config / --set
+    ray: bool = False  # runs on Ray: the S3 settings are applied first, then Ray starts
+    job: bool = False  # a job of jobs/*.py: its resolved config is saved under the run
 
 
-def _train(config: JobConfig) -> None:
-    from medray.train import train
-
-    result = train(config)
-    print(f"best checkpoint (val mean AUROC {result.metrics['val_auroc_mean']:.3f}): {result.best_checkpoint}")
+def _setting(parser: argparse.ArgumentParser, flag: str, key: str, **kwargs) -> None:
+    """A flag that overrides the config key ``key`` (default: the config's value)."""
+    parser.add_argument(flag, dest=CONFIG_KEY + key, default=None, **kwargs)
 
 
-def _evaluate(config: JobConfig) -> None:
-    from medray.evaluate import evaluate
-
-    evaluation = evaluate(config)
-    print(evaluation.table[["auroc", "sensitivity", "specificity", "prevalence"]].round(3).to_string())
-    print(f"mean test AUROC {evaluation.mean_auroc:.3f}\nreport: {evaluation.paths['report.html']}")
+def _names(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
 
 
-def _score(config: JobConfig) -> None:
-    from medray.score import score
-
-    s = score(config)
-    print(f"scored {s.inputs} inputs: {s.scored} scored, {s.errors} errors → {s.output}")
+def _overrides(args: argparse.Namespace) -> list[str]:
+    flags = [f"{k[len(CONFIG_KEY) :]}={json.dumps(v)}" for k, v in vars(args).items() if k.startswith(CONFIG_KEY) and v is not None]
+    return [*args.set, *flags]  # JSON is YAML, so --set parses the flags' values exactly
 
 
-def _tune(config: JobConfig) -> None:
-    from medray.tune import run_sweep
-
-    if not config.tune.space:
-        raise SystemExit("medray tune: set tune.space to a search space, e.g. --set tune.space=tune_spaces/imbalance.yaml")
-    result = run_sweep(config, config.tune.space, config.tune.seeds)
-    print(result.trials.head(10).to_string())
-    print(f"ranking: {result.paths['ranking.md']}\nbest config: {result.best_config}")
+# --- the verbs ---------------------------------------------------------------------------------------
 
 
-def _demo(config: JobConfig) -> None:
-    from medray.demo import run_demo
+def _demo_data(args, config) -> None:
+    from medray.demo_data import generate
 
-    run_demo(config)
-
-
-JOBS = {"train": _train, "tune": _tune, "evaluate": _evaluate, "score": _score, "demo": _demo}
+    d = config.demo_data
+    print(generate(args.out, d.patients, d.image_size, d.seed))
 
 
-def _extract_patches(config: JobConfig) -> None:
-    from medray.wsi.job import extract_job
-
-    r, _ = extract_job(config)
-    print(
-        f"{r.slides} slides: {r.done} extracted, {r.skipped} already done, {r.empty} without tissue, {r.errors} unreadable; "
-        f"{r.patches} patches ({r.background_skipped:.0%} of grid positions skipped as background) → {r.out}"
-    )
-    if r.errors:
-        print(f"unreadable slides and why: {storage.join(r.out, 'errors.parquet')}")
+def _demo_data_arguments(parser) -> None:
+    parser.add_argument("out")
+    _setting(parser, "--patients", "demo_data.patients", type=int)
+    _setting(parser, "--image-size", "demo_data.image_size", type=int)
+    _setting(parser, "--seed", "demo_data.seed", type=int)
 
 
-JOBS.update({"extract-patches": _extract_patches})
-
-
-def _prepare(config: JobConfig) -> None:
-    from medray.cache import prepare
-
-    d = config.data
-    result = prepare(config.manifest, d.cache, d.image_size, config.model.in_channels)
-    print(f"{result.images} images decoded at {d.image_size} px in {result.seconds:.0f} s, {result.unreadable} unreadable → {result.uri}")
-
-
-JOBS["prepare"] = _prepare
-
-
-def run_job(verb: str, argv: list[str] | None = None) -> None:
-    """Entry for ``jobs/<verb>.py``: ``--config FILE [--set a.b=v ...]``."""
-    parser = argparse.ArgumentParser(prog=f"medray {verb}")
-    _job_arguments(parser)
-    _run(verb, parser.parse_args(argv))
-
-
-def _job_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML job config (see jobs/configs/demo.yaml)")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.epochs=3")
-
-
-def _start(verb: str, config_path: str | None, overrides: list[str]) -> JobConfig:
-    """The validated config (or a one-line error naming the field), then Ray — with the S3 endpoint set
-    first, so that Ray's workers inherit it."""
-    try:
-        config = load_config(config_path, overrides)
-    except ConfigError as err:
-        sys.exit(f"medray {verb}: {err}")
-    storage.configure_s3(config.s3.endpoint_url, config.s3.region)
-    init_ray()
-    return config
-
-
-def _run(verb: str, args: argparse.Namespace) -> None:
-    _setup_logging()
-    config = _start(verb, args.config, args.set)
-    save_config(config, storage.join(config.run_dir, f"{verb}.config.yaml"))
-    JOBS[verb](config)
-
-
-def _ingest(args: argparse.Namespace) -> None:
+def _ingest(args, config) -> None:
+    from medray import storage
     from medray.datasets import ingest
 
-    overrides = list(args.set)
-    if args.format:
-        overrides.append(f"ingest.format={args.format}")
-    if args.labels:
-        overrides.append(f"ingest.labels={json.dumps(args.labels.split(','))}")
-    config = _start("ingest", args.config, overrides)
     try:
         result = ingest(storage.absolute(args.source), storage.absolute(args.out), config.ingest)
-    except ValueError as err:  # the user's table or settings: one line naming the file or field
-        sys.exit(f"medray ingest: {err}")
+    except MedrayError:
+        raise
+    except ValueError as err:  # the adapters (medray.datasets) report unusable input as ValueError
+        raise DataError(str(err)) from err
     print(f"{result.balance}\nmanifest: {result.manifest}\nquarantine: {result.quarantine}")
 
 
-def _setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+def _ingest_arguments(parser) -> None:
+    parser.add_argument("source", help="the dataset's label file, .npz or folder, local or s3://")
+    parser.add_argument("out", help="manifest to write, e.g. data/manifest.parquet")
+    _setting(parser, "--format", "ingest.format", choices=["nih-cxr14", "chexpert", "medmnist", "csv", "folder"],
+             help="default: ingest.format of the config (nih-cxr14)")  # fmt: skip
+    _setting(parser, "--labels", "ingest.labels", type=_names, help="comma-separated subset of the dataset's labels")
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="medray", description=__doc__.splitlines()[0])
-    verbs = parser.add_subparsers(dest="verb", required=True)
+def _split(args, config) -> None:
+    from medray import storage
+    from medray.manifest import Manifest, read_manifest, write_manifest
+    from medray.splits import split_with_config, summary
 
-    demo_data = verbs.add_parser("demo-data", help="write synthetic chest X-rays in the NIH ChestX-ray14 layout")
-    demo_data.add_argument("out")
-    demo_data.add_argument("--patients", type=int, default=600)
-    demo_data.add_argument("--image-size", type=int, default=256)
-    demo_data.add_argument("--seed", type=int, default=0)
-
-    ingest = verbs.add_parser("ingest", help="dataset layout → canonical manifest (Parquet)")
-    ingest.add_argument("source", help="the dataset's label file, .npz or folder, local or s3://")
-    ingest.add_argument("out", help="manifest to write, e.g. data/manifest.parquet")
-    ingest.add_argument("--format", choices=["nih-cxr14", "chexpert", "medmnist", "csv", "folder"],
-                        help="default: ingest.format of the config (nih-cxr14)")  # fmt: skip
-    ingest.add_argument("--labels", help="comma-separated subset of the dataset's labels")
-    _job_arguments(ingest)
-
-    split = verbs.add_parser("split", help="patient-level train/val/test split")
-    split.add_argument("manifest")
-    split.add_argument("out")
-    for name, default in (("--val", 0.15), ("--test", 0.15), ("--min-positive", 0.5), ("--train-keeps-positive", 0.5)):
-        split.add_argument(name, type=float, default=default)
-    split.add_argument("--label", help="label(s) whose positives val and test are enriched with, comma-separated")
-    split.add_argument("--seed", type=int, default=0)
-    split.add_argument("--sites", help="comma-separated values of the 'site' column held out as test (cross-site)")
-    split.add_argument("--folds", type=int, help="grouped stratified k-fold over the patients outside test (column 'fold')")
-    split.add_argument("--force", action="store_true", help="replace a split the manifest already has (e.g. an official one)")
-
-    audit = verbs.add_parser("audit", help="leakage audit of a split manifest: patients, studies, near-duplicate images")
-    audit.add_argument("manifest")
-    audit.add_argument("--out", help="folder for audit.json, audit.md and the near-duplicate table; default <run>/audit")
-    audit.add_argument("--max-distance", type=int, help="near-duplicate Hamming distance (of 256 bits); default audit.max_distance")
-    _job_arguments(audit)
-
-    consensus = verbs.add_parser("consensus", help="rater votes → consensus labels + agreement columns on a manifest")
-    consensus.add_argument("votes", help="CSV with one row per (image, rater) and a 0/1 column per label")
-    consensus.add_argument("manifest")
-    consensus.add_argument("out", help="manifest to write (may be the same file)")
-    consensus.add_argument("--image-column", default="Image Index")
-    consensus.add_argument("--rater-column", default="Rater")
-    consensus.add_argument("--tie", default="unknown", choices=["unknown", "positive", "negative"])
-    consensus.add_argument("--keep-labels", action="store_true", help="add agreement only; keep the manifest's labels")
-
-    explain = verbs.add_parser("explain", help="Grad-CAM overlays for any images")
-    explain.add_argument("checkpoint", help="checkpoint directory, or a run directory (its best checkpoint)")
-    explain.add_argument("images", nargs="+")
-    explain.add_argument("--out", default="gradcam", help="folder or s3:// prefix for the PNGs")
-    explain.add_argument("--labels", help="comma-separated labels (default: all)")
-
-    compare = verbs.add_parser("compare", help="two checkpoints on the same test split: DeLong + paired bootstrap")
-    compare.add_argument("a", help="checkpoint directory or run directory")
-    compare.add_argument("b", help="checkpoint directory or run directory")
-    _job_arguments(compare)
-
-    demo_slides = verbs.add_parser("demo-slides", help="write synthetic pyramidal TIFF slides and a slide manifest")
-    demo_slides.add_argument("out")
-    demo_slides.add_argument("--slides", type=int, default=16)
-    demo_slides.add_argument("--width", type=int, default=2048)
-    demo_slides.add_argument("--height", type=int, default=1536)
-    demo_slides.add_argument("--seed", type=int, default=0)
-
-    tissue = verbs.add_parser("tissue", help="a slide's tissue mask, as a PNG overlay for review")
-    tissue.add_argument("slide", help="slide file, local or s3://")
-    tissue.add_argument("out", help="PNG to write")
-    tissue.add_argument("--thumbnail-side", type=int, default=512)
-    tissue.add_argument("--min-region-um2", type=float, default=20_000.0)
-
-    for verb in JOBS:
-        _job_arguments(verbs.add_parser(verb, help=f"run the {verb} job"))
-
-    args = parser.parse_args(argv)
-    if args.verb in JOBS:
-        return _run(args.verb, args)
-    _setup_logging()
-    if args.verb in EXTRA_VERBS:
-        return EXTRA_VERBS[args.verb](args)
-    if args.verb == "demo-data":
-        from medray.demo_data import generate
-
-        print(generate(args.out, args.patients, args.image_size, args.seed))
-    elif args.verb == "ingest":
-        _ingest(args)
-    elif args.verb == "demo-slides":
-        from medray.wsi.demo_slides import generate as generate_slides
-
-        print(generate_slides(args.out, args.slides, args.width, args.height, args.seed))
-    elif args.verb == "tissue":
-        from medray.wsi.slides import open_slide
-        from medray.wsi.tissue import detect, overlay_png
-
-        with open_slide(storage.absolute(args.slide)) as slide:
-            mask = detect(slide, args.thumbnail_side, args.min_region_um2)
-        storage.write_bytes(storage.absolute(args.out), overlay_png(mask))
-        print(f"tissue covers {mask.fraction:.1%} of the slide{' — NO TISSUE FOUND' if mask.empty else ''} → {args.out}")
-    elif args.verb == "split":
-        from medray.manifest import Manifest, read_manifest, write_manifest
-        from medray.splits import split_unless_split, summary
-
-        manifest = read_manifest(storage.absolute(args.manifest))
-        label = args.label.split(",") if args.label else None
-        sites = args.sites.split(",") if args.sites else None
-        frame = split_unless_split(manifest, args.force, val=args.val, test=args.test, min_positive=args.min_positive, label=label,
-                                   seed=args.seed, train_keeps_positive=args.train_keeps_positive, sites=sites, folds=args.folds)  # fmt: skip
-        write_manifest(Manifest(frame, manifest.labels, manifest.task), storage.absolute(args.out))
-        print(summary(frame, manifest.labels).round(3).to_string())
-    elif args.verb == "audit":
-        _audit(args)
+    manifest = read_manifest(storage.absolute(args.manifest))
+    frame = split_with_config(manifest, config.split, args.force)
+    write_manifest(Manifest(frame, manifest.labels, manifest.task), storage.absolute(args.out))
+    print(summary(frame, manifest.labels).round(3).to_string())
 
 
-def _audit(args: argparse.Namespace) -> None:
+def _split_arguments(parser) -> None:
+    parser.add_argument("manifest")
+    parser.add_argument("out")
+    for flag in ("val", "test", "min-positive", "train-keeps-positive"):
+        _setting(parser, f"--{flag}", f"split.{flag.replace('-', '_')}", type=float)
+    _setting(
+        parser, "--label", "split.labels", type=_names, help="label(s) whose positives val and test are enriched with, comma-separated"
+    )
+    _setting(parser, "--seed", "split.seed", type=int)
+    _setting(
+        parser, "--sites", "split.sites", type=_names, help="comma-separated values of the 'site' column held out as test (cross-site)"
+    )
+    _setting(parser, "--folds", "split.folds", type=int, help="grouped stratified k-fold over the patients outside test (column 'fold')")
+    parser.add_argument("--force", action="store_true", help="replace a split the manifest already has (e.g. an official one)")
+
+
+def _audit(args, config) -> None:
+    from medray import storage
     from medray.audit import audit
 
-    config = _start("audit", args.config, args.set)
     out = storage.absolute(args.out) if args.out else storage.join(config.run_dir, "audit")
-    distance = config.audit.max_distance if args.max_distance is None else args.max_distance
-    try:
-        result = audit(storage.absolute(args.manifest), out, distance, config.audit.thumbnails)
-    except ValueError as err:  # a manifest that cannot be audited: missing, unsplit, invalid
-        sys.exit(f"medray audit: {err}")
+    result = audit(storage.absolute(args.manifest), out, config.audit.max_distance, config.audit.thumbnails)
     for check in result.checks:
         print(f"{check['status']:<4}  {check['name']:<16} {'–' if check['count'] is None else check['count']:>6}  {check['detail']}")
-    print(f"{'passed' if result.passed else 'FAILED'}: {result.paths['audit.md']}")
     if not result.passed:
-        sys.exit(1)
+        raise CheckFailed(f"leakage found across splits: see {result.paths['audit.md']}")
+    print(f"passed: {result.paths['audit.md']}")
 
 
-def _consensus(args: argparse.Namespace) -> None:
+def _audit_arguments(parser) -> None:
+    parser.add_argument("manifest")
+    parser.add_argument("--out", help="folder for audit.json, audit.md and the near-duplicate table; default <run>/audit")
+    _setting(parser, "--max-distance", "audit.max_distance", type=int, help="near-duplicate Hamming distance (of 256 bits)")
+
+
+def _consensus(args, config) -> None:
+    import io
+
     import pandas as pd
 
+    from medray import storage
     from medray.labels import agreement_summary, attach, cohen_pairs
     from medray.manifest import read_manifest, write_manifest
 
@@ -296,26 +153,227 @@ def _consensus(args: argparse.Namespace) -> None:
     print(f"→ {args.out}")
 
 
-def _explain(args: argparse.Namespace) -> None:
+def _consensus_arguments(parser) -> None:
+    parser.add_argument("votes", help="CSV with one row per (image, rater) and a 0/1 column per label")
+    parser.add_argument("manifest")
+    parser.add_argument("out", help="manifest to write (may be the same file)")
+    parser.add_argument("--image-column", default="Image Index")
+    parser.add_argument("--rater-column", default="Rater")
+    parser.add_argument("--tie", default="unknown", choices=["unknown", "positive", "negative"])
+    parser.add_argument("--keep-labels", action="store_true", help="add agreement only; keep the manifest's labels")
+
+
+def _explain(args, config) -> None:
+    from medray import storage
     from medray.checkpoint import locate
     from medray.explain import write_overlays
 
     uri = locate(storage.absolute(args.checkpoint))
-    labels = args.labels.split(",") if args.labels else None
+    labels = _names(args.labels) if args.labels else None
     for path in write_overlays(uri, [storage.absolute(i) for i in args.images], storage.absolute(args.out), labels):
         print(path)
 
 
-def _compare(args: argparse.Namespace) -> None:
+def _explain_arguments(parser) -> None:
+    parser.add_argument("checkpoint", help="checkpoint directory, or a run directory (its best checkpoint)")
+    parser.add_argument("images", nargs="+")
+    parser.add_argument("--out", default="gradcam", help="folder or s3:// prefix for the PNGs")
+    parser.add_argument("--labels", help="comma-separated labels (default: all)")
+
+
+def _compare(args, config) -> None:
+    from medray import storage
     from medray.compare import compare
 
-    config = _start("compare", args.config, args.set)
     table, paths = compare(config, storage.absolute(args.a), storage.absolute(args.b))
     print(table[["auroc_a", "auroc_b", "difference", "p_value", "difference_lo", "difference_hi"]].round(4).to_string())
     print(f"→ {paths['compare.md']}")
 
 
-EXTRA_VERBS = {"consensus": _consensus, "explain": _explain, "compare": _compare}
+def _compare_arguments(parser) -> None:
+    parser.add_argument("a", help="checkpoint directory or run directory")
+    parser.add_argument("b", help="checkpoint directory or run directory")
+
+
+def _demo_slides(args, config) -> None:
+    from medray.wsi.demo_slides import generate
+
+    print(generate(args.out, args.slides, args.width, args.height, args.seed))
+
+
+def _demo_slides_arguments(parser) -> None:
+    parser.add_argument("out")
+    parser.add_argument("--slides", type=int, default=16)
+    parser.add_argument("--width", type=int, default=2048)
+    parser.add_argument("--height", type=int, default=1536)
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def _tissue(args, config) -> None:
+    from medray import storage
+    from medray.wsi.slides import open_slide
+    from medray.wsi.tissue import detect, overlay_png
+
+    with open_slide(storage.absolute(args.slide)) as slide:
+        mask = detect(slide, config.wsi.thumbnail_side, config.wsi.min_region_um2)
+    storage.write_bytes(storage.absolute(args.out), overlay_png(mask))
+    print(f"tissue covers {mask.fraction:.1%} of the slide{' — NO TISSUE FOUND' if mask.empty else ''} → {args.out}")
+
+
+def _tissue_arguments(parser) -> None:
+    parser.add_argument("slide", help="slide file, local or s3://")
+    parser.add_argument("out", help="PNG to write")
+    _setting(parser, "--thumbnail-side", "wsi.thumbnail_side", type=int)
+    _setting(parser, "--min-region-um2", "wsi.min_region_um2", type=float)
+
+
+def _train(args, config) -> None:
+    from medray.train import train
+
+    result = train(config)
+    print(f"best checkpoint (val mean AUROC {result.metrics['val_auroc_mean']:.3f}): {result.best_checkpoint}")
+
+
+def _tune(args, config) -> None:
+    from medray.config import ConfigError
+    from medray.tune import run_sweep
+
+    if not config.tune.space:
+        raise ConfigError("tune.space: set a search space, e.g. --set tune.space=tune_spaces/imbalance.yaml")
+    result = run_sweep(config, config.tune.space, config.tune.seeds)
+    print(result.trials.head(10).to_string())
+    print(f"ranking: {result.paths['ranking.md']}\nbest config: {result.best_config}")
+
+
+def _evaluate(args, config) -> None:
+    from medray.evaluate import evaluate
+
+    evaluation = evaluate(config)
+    print(evaluation.table[["auroc", "sensitivity", "specificity", "prevalence"]].round(3).to_string())
+    print(f"mean test AUROC {evaluation.mean_auroc:.3f}\nreport: {evaluation.paths['report.html']}")
+
+
+def _score(args, config) -> None:
+    from medray.score import score
+
+    s = score(config)
+    print(f"scored {s.inputs} inputs: {s.scored} scored, {s.errors} errors → {s.output}")
+
+
+def _demo(args, config) -> None:
+    from medray.demo import run_demo
+
+    run_demo(config)
+
+
+def _extract_patches(args, config) -> None:
+    from medray import storage
+    from medray.wsi.job import extract_job
+
+    r, _ = extract_job(config)
+    print(
+        f"{r.slides} slides: {r.done} extracted, {r.skipped} already done, {r.empty} without tissue, {r.errors} unreadable; "
+        f"{r.patches} patches ({r.background_skipped:.0%} of grid positions skipped as background) → {r.out}"
+    )
+    if r.errors:
+        print(f"unreadable slides and why: {storage.join(r.out, 'errors.parquet')}")
+
+
+def _prepare(args, config) -> None:
+    from medray.cache import prepare
+
+    d = config.data
+    result = prepare(config.manifest, d.cache, d.image_size, config.model.in_channels)
+    print(f"{result.images} images decoded at {d.image_size} px in {result.seconds:.0f} s, {result.unreadable} unreadable → {result.uri}")
+
+
+COMMANDS: dict[str, Command] = {
+    "demo-data": Command(_demo_data, "write synthetic chest X-rays in the NIH ChestX-ray14 layout", _demo_data_arguments),
+    "ingest": Command(_ingest, "dataset layout → canonical manifest (Parquet)", _ingest_arguments, ray=True),
+    "split": Command(_split, "patient-level train/val/test split", _split_arguments),
+    "audit": Command(_audit, "leakage audit of a split manifest: patients, studies, near-duplicate images", _audit_arguments, ray=True),
+    "consensus": Command(
+        _consensus, "rater votes → consensus labels + agreement columns on a manifest", _consensus_arguments, config=False
+    ),
+    "explain": Command(_explain, "Grad-CAM overlays for any images", _explain_arguments, config=False),
+    "compare": Command(_compare, "two checkpoints on the same test split: DeLong + paired bootstrap", _compare_arguments, ray=True),
+    "demo-slides": Command(
+        _demo_slides, "write synthetic pyramidal TIFF slides and a slide manifest", _demo_slides_arguments, config=False
+    ),
+    "tissue": Command(_tissue, "a slide's tissue mask, as a PNG overlay for review", _tissue_arguments),
+    "train": Command(_train, "train a classifier (Ray Train, DDP)", ray=True, job=True),
+    "tune": Command(_tune, "hyperparameter sweep (Ray Tune) over tune.space", ray=True, job=True),
+    "evaluate": Command(_evaluate, "test-split metrics with intervals, calibration, subgroups and a report", ray=True, job=True),
+    "score": Command(_score, "score an image archive (Ray Data), exactly once per input", ray=True, job=True),
+    "demo": Command(_demo, "the end-to-end demo on generated data", ray=True, job=True),
+    "extract-patches": Command(_extract_patches, "whole-slide images → tissue patches (Ray Data)", ray=True, job=True),
+    "prepare": Command(_prepare, "decode and resize a manifest's images once into training shards", ray=True, job=True),
+}
+
+
+# --- running a verb ----------------------------------------------------------------------------------
+
+
+def _add_verb(parser: argparse.ArgumentParser, command: Command) -> None:
+    command.arguments(parser)
+    if command.config:
+        parser.add_argument("--config", help="YAML job config (see jobs/configs/demo.yaml and docs/config.md)")
+        parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.epochs=3")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of any error")
+
+
+def _parser() -> argparse.ArgumentParser:
+    from medray import __version__
+
+    parser = argparse.ArgumentParser(prog="medray", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"medray {__version__}")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    for verb, command in COMMANDS.items():
+        _add_verb(verbs.add_parser(verb, help=command.help, description=command.help), command)
+    return parser
+
+
+def _setup_logging() -> None:
+    # medray's own lines (one per stage); other libraries only when something is wrong.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    log.setLevel(logging.INFO)
+
+
+def _execute(verb: str, args: argparse.Namespace) -> None:
+    command = COMMANDS[verb]
+    _setup_logging()
+    try:
+        config = None
+        if command.config:
+            from medray.runtime import start
+
+            config = start(args.config, _overrides(args), ray=command.ray)
+        if command.job:
+            from medray import storage
+            from medray.config import save_config
+
+            save_config(config, storage.join(config.run_dir, f"{verb}.config.yaml"))
+        command.run(args, config)
+    except (MedrayError, FileNotFoundError) as err:
+        if args.debug:
+            raise
+        # A missing file the user named is a usage error too; its message names the path.
+        code = getattr(err, "exit_code", 2)
+        print(f"medray {verb}: {err}", file=sys.stderr)
+        raise SystemExit(code) from None
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``medray <verb> ...``; exits 2 on a usage error, 1 when a check failed."""
+    args = _parser().parse_args(argv)
+    _execute(args.verb, args)
+
+
+def run_job(verb: str, argv: list[str] | None = None) -> None:
+    """Entry for ``jobs/<verb>.py``: ``--config FILE [--set a.b=v ...]``."""
+    parser = argparse.ArgumentParser(prog=f"medray {verb}", description=COMMANDS[verb].help)
+    _add_verb(parser, COMMANDS[verb])
+    _execute(verb, parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from pydantic import (
 )
 
 from medray import storage
+from medray.errors import MedrayError
 
 Uri = Annotated[str, AfterValidator(storage.absolute)]
 
@@ -35,7 +36,7 @@ def _codec(name: str) -> str:
     return name
 
 
-class ConfigError(ValueError):
+class ConfigError(MedrayError, ValueError):
     """A config that cannot be used; the message names each bad field and value."""
 
 
@@ -84,9 +85,10 @@ class DataConfig(_Section):
 
     @model_validator(mode="after")
     def _known_policy(self):
-        from medray.augment import resolve
+        if {"augment", "augment_params"} & self.model_fields_set:  # the default needs no torch import to trust
+            from medray.augment import resolve
 
-        resolve(self.augment, self.augment_params)  # raises, naming the unknown policy or parameter
+            resolve(self.augment, self.augment_params)  # raises, naming the unknown policy or parameter
         return self
 
 
@@ -120,10 +122,11 @@ class ModelConfig(_Section):
 
     @model_validator(mode="after")
     def _known_backbone(self):
-        from medray.models import BACKBONES
+        if "backbone" in self.model_fields_set:  # the default needs no torch import to trust
+            from medray.models import BACKBONES
 
-        if self.backbone not in BACKBONES:
-            raise ValueError(f"unknown backbone {self.backbone!r}; known: {', '.join(sorted(BACKBONES))}")
+            if self.backbone not in BACKBONES:
+                raise ValueError(f"unknown backbone {self.backbone!r}; known: {', '.join(sorted(BACKBONES))}")
         return self
 
 
@@ -236,7 +239,9 @@ class IngestConfig(_Section):
     check: bool = Field(True, description="decode every image once and quarantine those that fail")
     dicom_ids: bool | None = Field(None, description="patient/study IDs from DICOM headers; default: only for folder")
     pseudonymise: bool = Field(False, description="replace patient and study IDs by salted hashes")
-    salt: SecretStr | None = Field(None, description="pseudonym key; default: env MEDRAY_PSEUDONYM_SALT. Never logged")
+    salt: SecretStr | None = Field(
+        None, exclude=True, description="pseudonym key; default: env MEDRAY_PSEUDONYM_SALT. Never logged, never saved"
+    )
 
 
 class S3Config(_Section):
@@ -270,8 +275,8 @@ class WsiConfig(_Section):
 
 
 class JobConfig(_Section):
-    name: str = Field("demo", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    storage: Uri = "runs"
+    name: str = Field("demo", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="the run's name: outputs go to <storage>/<name>/")
+    storage: Uri = Field("runs", description="local folder or s3:// prefix of the runs; a rerun of a name resumes it")
     demo_data: DemoDataConfig = DemoDataConfig()
     split: SplitConfig = SplitConfig()
     data: DataConfig = DataConfig()
@@ -322,12 +327,14 @@ def merge(base: dict, update: dict) -> dict:
 
 
 def _describe(error: ValidationError, source: str) -> str:
-    lines = [f"invalid config {source}:"]
+    """One line: each bad field, what is wrong with it and the value given."""
+    problems = []
     for err in error.errors():
         where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        got = "" if err["type"] == "missing" else f" (got {err['input']!r})"
-        lines.append(f"  {where}: {err['msg']}{got}")
-    return "\n".join(lines)
+        hidden = err["type"] == "missing" or "salt" in err["loc"]  # a secret is never echoed, even a malformed one
+        got = "" if hidden else f" (got {err['input']!r})"
+        problems.append(f"{where}: {err['msg']}{got}")
+    return f"invalid config {source}: " + "; ".join(problems)
 
 
 def build_config(raw: dict | None = None, overrides: list[str] | None = None, source: str = "") -> JobConfig:

@@ -51,7 +51,7 @@ def run_demo(config: JobConfig) -> None:
     print(agreement_summary(manifest.frame, manifest.labels).round(3).to_string())
 
     _step("3/6 patient-level split and leakage audit")
-    frame = split_with_config(manifest, config.split)
+    frame = split_with_config(manifest, config.split, force=True)  # demo data: always split by patient
     write_manifest(Manifest(frame, manifest.labels, manifest.task), config.manifest)
     print(summary(frame, manifest.labels).round(3).to_string())
     # The report shows this audit: no patient, study or near-duplicate image on both sides of a split.

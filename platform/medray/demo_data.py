@@ -147,7 +147,8 @@ def generate(
     spacing = f"{FIELD_OF_VIEW_MM / image_size:.3f}"
     entries, votes = [], []
     streams = np.random.SeedSequence(seed).spawn(patients)
-    for pid, stream in enumerate(tqdm(streams, desc="demo patients", unit="patient"), start=1):
+    # disable=None: a bar on a terminal only; in a log file or a pipe every redraw would be a line
+    for pid, stream in enumerate(tqdm(streams, desc="demo patients", unit="patient", disable=None), start=1):
         rng = np.random.default_rng(stream)
         patient = _make_patient(pid, rng, prevalence)
         for follow_up in range(patient.studies):

@@ -15,12 +15,13 @@ from PIL import Image, UnidentifiedImageError
 
 from medray import storage
 from medray.dicom import DicomError, decode_dicom, is_dicom
+from medray.errors import MedrayError
 
 MAX_PIXELS = 20_000 * 20_000
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", ".dicom")
 
 
-class ImageError(ValueError):
+class ImageError(MedrayError, ValueError):
     """An image that cannot be used; the message names its URI and what is wrong."""
 
 

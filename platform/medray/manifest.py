@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from medray import storage
+from medray.errors import MedrayError
 
 LABELS_KEY = b"medray.labels"
 TASK_KEY = b"medray.task"
@@ -23,7 +24,7 @@ REQUIRED = ("image", "patient_id")
 SPLITS = ("train", "val", "test")
 
 
-class ManifestError(ValueError):
+class ManifestError(MedrayError, ValueError):
     pass
 
 

@@ -19,6 +19,7 @@ from torch import nn
 from torchvision import models as tvm
 
 from medray import storage
+from medray.errors import MedrayError
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -84,7 +85,7 @@ BACKBONES: dict[str, Backbone] = {
 }
 
 
-class WeightsError(ValueError):
+class WeightsError(MedrayError, ValueError):
     pass
 
 

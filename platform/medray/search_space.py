@@ -31,11 +31,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from medray import storage
 from medray.config import ConfigError, JobConfig, build_config, merge
+from medray.errors import MedrayError
 
 DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform", "randint")
 
 
-class SearchSpaceError(ValueError):
+class SearchSpaceError(MedrayError, ValueError):
     pass
 
 

@@ -23,13 +23,14 @@ import math
 import numpy as np
 import pandas as pd
 
+from medray.errors import CheckFailed
 from medray.manifest import SPLITS, Manifest
 
 log = logging.getLogger(__name__)
 FOLD = "fold"
 
 
-class LeakageError(AssertionError):
+class LeakageError(CheckFailed, AssertionError):
     pass
 
 
@@ -186,19 +187,6 @@ def split_by_patient(
     return result
 
 
-def split_unless_split(manifest: Manifest, force: bool = False, **kwargs) -> pd.DataFrame:
-    """What ``medray split`` does: a manifest that came with a split of its own (NIH's official lists,
-    MedMNIST's archive) keeps it, with a warning, since published results are measured on it and a
-    re-split silently makes them incomparable; ``force`` replaces it by ``split_by_patient(**kwargs)``."""
-    frame = manifest.frame
-    if not force and "split" in frame and frame["split"].notna().any():
-        counts = frame["split"].value_counts(dropna=False).to_dict()
-        log.warning("the manifest already has a split (%s): kept; pass --force to replace it by a patient-level split",
-                    ", ".join(f"{name} {n}" for name, n in counts.items()))  # fmt: skip
-        return frame
-    return split_by_patient(manifest, **kwargs)
-
-
 def fold_view(frame: pd.DataFrame, fold: int) -> pd.DataFrame:
     """The split manifest with fold ``fold`` as val and the other folds as train; test unchanged."""
     if FOLD not in frame:
@@ -212,8 +200,18 @@ def fold_view(frame: pd.DataFrame, fold: int) -> pd.DataFrame:
     return frame.assign(split=split)
 
 
-def split_with_config(manifest: Manifest, s) -> pd.DataFrame:
-    """``split_by_patient`` with a ``SplitConfig``: what ``medray split`` and the demo call."""
+def split_with_config(manifest: Manifest, s, force: bool = False) -> pd.DataFrame:
+    """``split_by_patient`` with a ``SplitConfig``: what ``medray split`` and the demo call.
+
+    A manifest that came with a split of its own (NIH's official lists, MedMNIST's archive) keeps it,
+    with a warning, since published results are measured on it and a re-split silently makes them
+    incomparable; ``force`` replaces it by a patient-level split."""
+    frame = manifest.frame
+    if not force and "split" in frame and frame["split"].notna().any():
+        counts = frame["split"].value_counts(dropna=False).to_dict()
+        log.warning("the manifest already has a split (%s): kept; pass --force to replace it by a patient-level split",
+                    ", ".join(f"{name} {n}" for name, n in counts.items()))  # fmt: skip
+        return frame
     return split_by_patient(
         manifest, s.val, s.test, s.min_positive, s.labels or s.label, s.seed, s.train_keeps_positive, s.sites, s.folds
     )

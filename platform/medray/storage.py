@@ -58,14 +58,16 @@ def _s3_filesystem(endpoint: str | None, region: str | None) -> pafs.S3FileSyste
     if endpoint:
         parsed = urlparse(endpoint)
         kwargs = {"endpoint_override": parsed.netloc or parsed.path, "scheme": parsed.scheme or "https"}
-    return pafs.S3FileSystem(region=region or "us-east-1", **kwargs)
+    if region:
+        kwargs["region"] = region
+    return pafs.S3FileSystem(**kwargs)  # no region: the AWS SDK resolves it (AWS_DEFAULT_REGION, the profile, ...)
 
 
 def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     """The pyarrow filesystem for ``uri`` and the path inside it (what Ray's readers take)."""
     uri = str(uri)
     if is_s3(uri):
-        fs = _s3_filesystem(s3_endpoint(), os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"))
+        fs = _s3_filesystem(s3_endpoint(), os.environ.get("AWS_REGION"))  # s3.region lands in AWS_REGION
         return fs, uri[len(S3):]
     return pafs.LocalFileSystem(), absolute(uri)
 

@@ -13,9 +13,10 @@ import tempfile
 
 from medray import storage
 from medray.config import JobConfig, TrackingConfig
+from medray.errors import MedrayError
 
 
-class TrackingError(RuntimeError):
+class TrackingError(MedrayError, RuntimeError):
     pass
 
 

@@ -36,6 +36,7 @@ from ray.train.torch import TorchTrainer
 from medray import checkpoint, freezing, recipe, storage, tracking
 from medray.cache import training_data
 from medray.config import JobConfig
+from medray.errors import MedrayError
 from medray.augment import Augment
 from medray.data import resampled
 from medray.losses import head_size, make_loss, probabilities
@@ -49,8 +50,11 @@ log = logging.getLogger(__name__)
 SCORE = "val_auroc_mean"
 
 
-class TrainingError(RuntimeError):
-    """Training ended without a result: the workers' errors, once the allowed restarts are spent."""
+class TrainingError(MedrayError, RuntimeError):
+    """Training ended without a result: the workers' errors, once the allowed restarts are spent.
+    One line on the command line (``--debug`` for the traceback), exit 1."""
+
+    exit_code = 1
 
 
 @dataclass

@@ -238,7 +238,7 @@ def extract_patches(manifest: Manifest, out: str, spec: ExtractSpec | None = Non
     if len(work):
         kwargs = {"slide_rows": meta, "labels": labels, "spec": spec, "out": out}
         results = _each(work[["image", "chunk", "coords"]].to_dict("records"), _extract_batch, **kwargs)
-        bar = tqdm(total=int(work["coords"].map(lambda c: len(json.loads(c))).sum()), unit="patch", desc="extracting", disable=not progress)
+        bar = tqdm(total=int(work["coords"].map(lambda c: len(json.loads(c))).sum()), unit="patch", desc="extracting", disable=None if progress else True)
         for r in results.iter_rows():
             uri = r["image"]
             if r["error"]:

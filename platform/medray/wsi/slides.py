@@ -20,12 +20,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from medray import storage
+from medray.errors import MedrayError
 
 SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".bif", ".svslide")
 _UNIT_CM = {2: 2.54, 3: 1.0}  # TIFF ResolutionUnit: 2 inch, 3 centimetre, in cm per unit
 
 
-class SlideError(ValueError):
+class SlideError(MedrayError, ValueError):
     """A slide that cannot be used; the message names its URI and what is wrong."""
 
 

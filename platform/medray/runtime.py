@@ -1,0 +1,62 @@
+"""Starting a job: the validated config, the S3 settings every client must share, then Ray.
+
+``start`` is what the command line does before each verb, and what a Python user calls before the
+job functions (``medray.start("job.yaml")``), so that both see the same S3 endpoint and the same Ray.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+from medray import storage
+from medray.config import JobConfig, load_config
+
+
+def start(config: JobConfig | str | None = None, overrides: list[str] | None = None, ray: bool = True) -> JobConfig:
+    """The config (a ``JobConfig``, or a YAML path plus ``--set``-style overrides), with its S3 settings
+    applied to this process's environment *before* Ray starts, so that Ray's local workers inherit them."""
+    if not isinstance(config, JobConfig):
+        config = load_config(config, overrides)
+    elif overrides:
+        raise TypeError("overrides apply to a config file; edit a JobConfig with model_copy(update=...)")
+    storage.configure_s3(config.s3.endpoint_url, config.s3.region)
+    if ray:
+        init_ray()
+    return config
+
+
+def init_ray() -> None:
+    """Join the cluster a job was submitted to (RAY_ADDRESS), or start a local Ray, quietly: Ray's own
+    logs stay in its session files, and Ray Data draws progress bars only on a terminal."""
+    import ray
+    import ray.data
+
+    if not ray.is_initialized():
+        # Workers' output still reaches the driver (log_to_driver): the training loop prints its epochs there.
+        if os.environ.get("RAY_ADDRESS"):  # set by `ray job submit`, or by the user for a running cluster
+            ray.init(logging_level=logging.WARNING)
+        else:  # a local Ray of its own, never whatever cluster last ran on this machine
+            ray.init(address="local", logging_level=logging.WARNING, runtime_env={"env_vars": _quiet_ray_data()})
+    # Redrawn bars are hundreds of lines in a log file or a pipe; the datasets built from here on (and the
+    # actors that run them, such as Ray Train's split coordinator) take this context with them.
+    ray.data.DataContext.get_current().enable_progress_bars = _terminal()
+    # Ray Data prints every execution plan at INFO; its log file keeps them.
+    for handler in logging.getLogger("ray.data").handlers:
+        if not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.WARNING)
+
+
+def _terminal() -> bool:
+    return sys.stdout.isatty()
+
+
+def _quiet_ray_data() -> dict[str, str]:
+    """Environment of a local Ray's processes: Ray Data's console at WARNING (its log file keeps the rest)
+    and, off a terminal, no progress bars in datasets that workers create themselves."""
+    env = {"RAY_DATA_LOGGING_CONFIG": str(Path(__file__).with_name("ray_data_logging.yaml"))}
+    if not _terminal():
+        env["RAY_DATA_DISABLE_PROGRESS_BARS"] = "1"
+    return env
