@@ -41,9 +41,9 @@ def main() -> None:
     import pandas as pd
     import ray
 
-    from medray.cache import prepare, training_data
-    from medray.demo_data import FINDINGS, generate
-    from medray.manifest import Manifest, write_manifest
+    from medray.data.cache import prepare, training_data
+    from medray.data.demo_data import FINDINGS, generate
+    from medray.data.manifest import Manifest, write_manifest
 
     with tempfile.TemporaryDirectory() as out:
         generate(out, args.patients, 256, seed=0)

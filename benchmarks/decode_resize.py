@@ -47,7 +47,7 @@ def main() -> None:
     import pandas as pd
     import ray
 
-    from medray.demo_data import FINDINGS, generate
+    from medray.data.demo_data import FINDINGS, generate
 
     with tempfile.TemporaryDirectory() as out:
         generate(out, args.patients, 256, seed=0)

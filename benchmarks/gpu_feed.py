@@ -30,9 +30,9 @@ def bare_loop(args, device, augment_name: str | None) -> float:
     import numpy as np
     import torch
 
-    from medray.augment import Augment
-    from medray.losses import make_loss
-    from medray.models import build_model, to_input
+    from medray.training.augment import Augment
+    from medray.training.losses import make_loss
+    from medray.training.models import build_model, to_input
 
     torch.manual_seed(0)
     model = build_model(args.backbone, 4, 1).to(device, memory_format=torch.channels_last if device.type == "cuda" else torch.preserve_format)
@@ -67,13 +67,13 @@ def bare_loop(args, device, augment_name: str | None) -> float:
 def medray_rate(args, work: str) -> tuple[float, int]:
     import ray
 
-    from medray.cache import prepare
     from medray.config import build_config
-    from medray.datasets import ingest_nih
-    from medray.demo_data import FINDINGS, generate
-    from medray.manifest import Manifest, read_manifest, write_manifest
-    from medray.splits import split_by_patient
-    from medray.train import train
+    from medray.data.cache import prepare
+    from medray.data.datasets import ingest_nih
+    from medray.data.demo_data import FINDINGS, generate
+    from medray.data.manifest import Manifest, read_manifest, write_manifest
+    from medray.data.splits import split_by_patient
+    from medray.training.trainer import train
 
     generate(work, args.patients, max(args.size, 64), seed=0)
     ingested = ingest_nih(os.path.join(work, "Data_Entry_2017.csv"), os.path.join(work, "manifest.parquet"), labels=list(FINDINGS))

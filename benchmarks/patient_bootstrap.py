@@ -13,8 +13,9 @@ import argparse
 import time
 
 import numpy as np
-from medray.intervals import patient_weights, weighted_auroc
 from sklearn.metrics import roc_auc_score
+
+from medray.evaluation.intervals import patient_weights, weighted_auroc
 
 
 def main() -> None:

@@ -40,7 +40,7 @@ def test_scores(checkpoint_uri: str, test, labels: list[str]) -> tuple[float, fl
     from sklearn.metrics import roc_auc_score
 
     from medray.data import rows
-    from medray.predict import predict
+    from medray.evaluation.predict import predict
 
     scored = predict(rows(test[["image", *labels]]), checkpoint_uri, 128, calibrated=False).to_pandas()
     aurocs, accuracies = [], []
@@ -64,11 +64,11 @@ def main() -> None:
     import ray
 
     from medray.config import build_config
-    from medray.datasets import ingest_nih
-    from medray.demo_data import FINDINGS, generate
-    from medray.manifest import Manifest, read_manifest, write_manifest
-    from medray.splits import split_by_patient
-    from medray.train import train
+    from medray.data.datasets import ingest_nih
+    from medray.data.demo_data import FINDINGS, generate
+    from medray.data.manifest import Manifest, read_manifest, write_manifest
+    from medray.data.splits import split_by_patient
+    from medray.training.trainer import train
 
     ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, logging_level=logging.WARNING)
     ray.data.DataContext.get_current().enable_progress_bars = False

@@ -67,7 +67,7 @@ def medray_run(args) -> None:
     import ray
 
     from medray.config import build_config
-    from medray.score import score
+    from medray.scoring.score import score
 
     me, peak, done = os.getpid(), [0], threading.Event()
 
@@ -98,9 +98,10 @@ def plain_loop(paths: list[str], checkpoint_uri: str, batch_size: int) -> float:
     import numpy as np
     import torch
 
-    from medray import checkpoint, images
-    from medray.losses import probabilities
-    from medray.models import to_input
+    from medray.io import images
+    from medray.training import checkpoint
+    from medray.training.losses import probabilities
+    from medray.training.models import to_input
 
     start = time.perf_counter()
     model, meta = checkpoint.load_model(checkpoint_uri)
@@ -132,9 +133,9 @@ def main() -> None:
     import torch
     from PIL import Image
 
-    from medray import checkpoint
-    from medray.demo_data import generate
-    from medray.models import build_model
+    from medray.data.demo_data import generate
+    from medray.training import checkpoint
+    from medray.training.models import build_model
 
     with tempfile.TemporaryDirectory() as work:
         generate(os.path.join(work, "demo"), max(10, args.images // 3), 256, seed=0)

@@ -20,14 +20,14 @@ import tempfile
 
 import ray
 
-from medray.checkpoint import MODEL_FILE
 from medray.config import build_config
-from medray.datasets import ingest_nih
-from medray.demo_data import generate
-from medray.evaluate import evaluate
-from medray.manifest import Manifest, read_manifest, write_manifest
-from medray.splits import split_by_patient
-from medray.train import train
+from medray.data.datasets import ingest_nih
+from medray.data.demo_data import generate
+from medray.data.manifest import Manifest, read_manifest, write_manifest
+from medray.data.splits import split_by_patient
+from medray.evaluation.evaluate import evaluate
+from medray.training.checkpoint import MODEL_FILE
+from medray.training.trainer import train
 
 RARE = "Mass"
 

@@ -25,7 +25,7 @@ import ray
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "platform"))
 
-from medray.manifest import Manifest
+from medray.data.manifest import Manifest
 from medray.wsi import demo_slides
 from medray.wsi.extract import ExtractSpec, extract_patches, plan_slide, png
 from medray.wsi.grid import GridSpec

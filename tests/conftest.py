@@ -31,7 +31,7 @@ def ray_session(s3):
 
 @pytest.fixture(scope="session")
 def demo_dir(tmp_path_factory):
-    from medray.demo_data import generate
+    from medray.data.demo_data import generate
 
     out = tmp_path_factory.mktemp("demo")
     generate(str(out), patients=120, image_size=64, seed=0)
@@ -40,9 +40,9 @@ def demo_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def demo_manifest(demo_dir, ray_session):
-    from medray.datasets import ingest_nih
-    from medray.demo_data import FINDINGS
-    from medray.manifest import read_manifest
+    from medray.data.datasets import ingest_nih
+    from medray.data.demo_data import FINDINGS
+    from medray.data.manifest import read_manifest
 
     result = ingest_nih(str(demo_dir / "Data_Entry_2017.csv"), str(demo_dir / "manifest.parquet"), labels=list(FINDINGS))
     return read_manifest(result.manifest)
@@ -50,8 +50,8 @@ def demo_manifest(demo_dir, ray_session):
 
 @pytest.fixture(scope="session")
 def split_manifest_path(demo_manifest, demo_dir):
-    from medray.manifest import Manifest, write_manifest
-    from medray.splits import split_by_patient
+    from medray.data.manifest import Manifest, write_manifest
+    from medray.data.splits import split_by_patient
 
     frame = split_by_patient(demo_manifest, val=0.2, test=0.2, min_positive=0.3, label="Mass", seed=0)
     return write_manifest(Manifest(frame, demo_manifest.labels), str(demo_dir / "split.parquet"))

@@ -7,10 +7,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from medray.audit import audit, study_keys
 from medray.cli import main
-from medray.manifest import Manifest, write_manifest
-from medray.splits import split_by_patient
+from medray.data.audit import audit, study_keys
+from medray.data.manifest import Manifest, write_manifest
+from medray.data.splits import split_by_patient
 
 
 @pytest.fixture(scope="module")

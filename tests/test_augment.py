@@ -1,11 +1,10 @@
-import numpy as np
-import pytest
-
 import colorsys
 
+import numpy as np
+import pytest
 import torch
 
-from medray.augment import POLICIES, Augment, augment_batch, resolve
+from medray.training.augment import POLICIES, Augment, augment_batch, resolve
 
 
 def marker_image(size=64) -> np.ndarray:

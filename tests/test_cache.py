@@ -9,12 +9,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from medray import images
-from medray.cache import default_uri, freshness, prepare, read_cache, training_data
 from medray.cli import main
 from medray.config import build_config
-from medray.manifest import Manifest, read_manifest, write_manifest
-from medray.sampling import COLUMN
+from medray.data.cache import default_uri, freshness, prepare, read_cache, training_data
+from medray.data.manifest import Manifest, read_manifest, write_manifest
+from medray.data.sampling import COLUMN
+from medray.io import images
 
 SIZE = 32
 
@@ -55,7 +55,7 @@ def test_training_from_the_cache_sees_exactly_what_decoding_gives(prepared, capl
     manifest = read_manifest(prepared)
     n = int((manifest.frame["split"] == "train").sum())
     draws = np.linspace(0.5, 2.0, n)  # distinct sampling weights: each must follow its own row
-    caplog.set_level(logging.INFO, logger="medray.cache")
+    caplog.set_level(logging.INFO, logger="medray.data.cache")
     cached = collect(training_data(manifest, "train", prepared, SIZE, multiplicity=draws))
     decoded = collect(training_data(manifest, "train", prepared, SIZE, use_cache=False, multiplicity=draws))
     assert "train split: reading the prepared cache" in caplog.text
@@ -84,8 +84,8 @@ def test_a_cache_is_used_only_when_fresh_and_of_the_right_size(prepared, tmp_pat
 
 
 def test_training_takes_the_cache_and_the_chosen_fold(demo_manifest, tmp_path, caplog):
-    from medray.splits import split_by_patient
-    from medray.train import build_trainer
+    from medray.data.splits import split_by_patient
+    from medray.training.trainer import build_trainer
 
     frame = split_by_patient(demo_manifest, test=0.2, min_positive=0.3, label="Mass", folds=3, seed=0)
     path = write_manifest(Manifest(frame, demo_manifest.labels), str(tmp_path / "folds.parquet"))
@@ -109,7 +109,7 @@ def test_a_cache_on_s3_is_prepared_and_read(s3, prepared, caplog):
     keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="cache-test/cache/")["Contents"]]
     assert "cache-test/cache/medray_cache.json" in keys and any(k.endswith(".parquet") for k in keys)
     assert freshness(cache, manifest_uri, SIZE, 1) is None
-    caplog.set_level(logging.INFO, logger="medray.cache")
+    caplog.set_level(logging.INFO, logger="medray.data.cache")
     got = collect(training_data(Manifest(small, manifest.labels), "val", manifest_uri, SIZE, cache_uri=cache))
     want = sorted(images.load(u, SIZE).tobytes() for u in small.loc[small["split"] == "val", "image"])
     assert sorted(got["pixels"]) == want

@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from medray import checkpoint
-from medray.calibration import (
+
+from medray.evaluation.calibration import (
     calibrate,
     expected_calibration_error,
     fit_temperature,
@@ -15,8 +15,9 @@ from medray.calibration import (
     reliability,
     save_temperature,
 )
-from medray.models import build_model
-from medray.predict import Predictor
+from medray.evaluation.predict import Predictor
+from medray.training import checkpoint
+from medray.training.models import build_model
 
 
 def test_ece_of_a_constructed_example():

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from medray.cli import COMMANDS
-from medray.manifest import Manifest, read_manifest, write_manifest
+from medray.data.manifest import Manifest, read_manifest, write_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from medray.datasets import CHEXPERT_LABELS, Options, ingest_chexpert
-from medray.manifest import read_manifest
+from medray.data.datasets import CHEXPERT_LABELS, Options, ingest_chexpert
+from medray.data.manifest import read_manifest
 
 HEADER = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", *CHEXPERT_LABELS]
 

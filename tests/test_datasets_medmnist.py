@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medray.datasets import Options, ingest_medmnist
-from medray.losses import make_loss
-from medray.manifest import read_manifest
+from medray.data.datasets import Options, ingest_medmnist
+from medray.data.manifest import read_manifest
+from medray.training.losses import make_loss
 
 SIZES = {"train": 6, "val": 2, "test": 3}
 

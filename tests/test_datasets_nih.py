@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from medray.datasets import NIH_LABELS, Options, ingest_nih
-from medray.manifest import read_manifest
+from medray.data.datasets import NIH_LABELS, Options, ingest_nih
+from medray.data.manifest import read_manifest
 
 HEADER = (
     "Image Index,Finding Labels,Follow-up #,Patient ID,Patient Age,Patient {sex},View Position,"

@@ -10,9 +10,9 @@ from PIL import Image
 
 from medray.cli import main
 from medray.config import ColumnsConfig
-from medray.datasets import Options, ingest_folder, ingest_table
-from medray.datasets.table import eye_patient
-from medray.manifest import read_manifest
+from medray.data.datasets import Options, ingest_folder, ingest_table
+from medray.data.datasets.table import eye_patient
+from medray.data.manifest import read_manifest
 
 HAM_CLASSES = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
 

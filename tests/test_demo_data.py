@@ -2,7 +2,7 @@ import hashlib
 
 import pandas as pd
 
-from medray.demo_data import FINDINGS, NIH_HEADER, generate
+from medray.data.demo_data import FINDINGS, NIH_HEADER, generate
 
 
 def _digest(folder) -> str:

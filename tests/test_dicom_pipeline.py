@@ -10,7 +10,7 @@ import pytest
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
 from dicom_files import dataset, gradient, to_bytes
-from medray.images import ImageError, decode
+from medray.io.images import ImageError, decode
 
 
 @pytest.mark.parametrize("function", ["SIGMOID", "LINEAR_EXACT", "LINEAR"])

@@ -11,13 +11,13 @@ import pandas as pd
 import pytest
 
 from medray.cli import main
-from medray.compare import compare
 from medray.config import build_config
-from medray.evaluate import evaluate
-from medray.labels import attach
-from medray.manifest import read_manifest, write_manifest
-from medray.metrics import predictive_values
-from medray.train import train
+from medray.data.labels import attach
+from medray.data.manifest import read_manifest, write_manifest
+from medray.evaluation.compare import compare
+from medray.evaluation.evaluate import evaluate
+from medray.evaluation.metrics import predictive_values
+from medray.training.trainer import train
 
 SECTIONS = ("summary", "data", "audit", "ground-truth", "metrics", "curves", "calibration", "subgroups", "errors", "model-card")
 

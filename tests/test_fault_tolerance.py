@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from medray import checkpoint, tracking
 from medray.config import build_config
-from medray.models import build_model
-from medray.train import train
+from medray.training import checkpoint, tracking
+from medray.training.models import build_model
+from medray.training.trainer import train
 
 LABELS = ["Mass", "Nodule", "Cardiomegaly", "Effusion"]
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from medray import freezing
-from medray.models import build_model, head_module, stage_modules
+from medray.training import freezing
+from medray.training.models import build_model, head_module, stage_modules
 
 BACKBONES = ["resnet18", "densenet121"]
 F, T = False, True

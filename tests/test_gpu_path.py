@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from medray.config import build_config
-from medray.losses import head_size
-from medray.models import build_model
-from medray.train import TrainingError, train, trainee, validation_outputs
+from medray.training.losses import head_size
+from medray.training.models import build_model
+from medray.training.trainer import TrainingError, train, trainee, validation_outputs
 
 LABELS = ["Mass", "Nodule", "Cardiomegaly", "Effusion"]
 

@@ -9,14 +9,14 @@ import zlib
 import numpy as np
 import pandas as pd
 import pytest
-from dicom_files import PATIENT_ID, PATIENT_NAME, dataset, gradient, to_bytes
 from PIL import Image
 from pydicom.uid import JPEG2000Lossless
 
+from dicom_files import PATIENT_ID, PATIENT_NAME, dataset, gradient, to_bytes
 from medray.config import ColumnsConfig
-from medray.datasets import Options, ingest_folder, ingest_table, pseudonym
-from medray.images import ImageError, decode
-from medray.manifest import read_manifest
+from medray.data.datasets import Options, ingest_folder, ingest_table, pseudonym
+from medray.data.manifest import read_manifest
+from medray.io.images import ImageError, decode
 
 
 def png(pixels: np.ndarray) -> bytes:
@@ -132,7 +132,7 @@ def test_patient_ids_from_dicom_headers_are_pseudonymised_and_never_logged(
 
 def test_the_salt_is_required_for_pseudonyms_and_never_saved_with_the_config(tmp_path, monkeypatch):
     from medray.config import build_config, save_config
-    from medray.datasets import ingest
+    from medray.data.datasets import ingest
 
     monkeypatch.delenv("MEDRAY_PSEUDONYM_SALT", raising=False)
     config = build_config(overrides=["ingest.format=folder", "ingest.pseudonymise=true"])

@@ -3,11 +3,11 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
-from s3 import upload_tree
 
-from medray.datasets import ingest_nih
-from medray.demo_data import FINDINGS
-from medray.manifest import read_manifest
+from medray.data.datasets import ingest_nih
+from medray.data.demo_data import FINDINGS
+from medray.data.manifest import read_manifest
+from s3 import upload_tree
 
 
 def test_ingest_writes_the_canonical_manifest(demo_manifest, demo_dir):

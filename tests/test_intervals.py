@@ -2,7 +2,9 @@
 
 import numpy as np
 import pytest
-from medray.intervals import (
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+from medray.evaluation.intervals import (
     bootstrap_intervals,
     delong,
     paired_bootstrap,
@@ -11,7 +13,6 @@ from medray.intervals import (
     weighted_auroc,
     weighted_average_precision,
 )
-from sklearn.metrics import average_precision_score, roc_auc_score
 
 
 def test_all_images_of_a_resampled_patient_move_together():

@@ -119,8 +119,8 @@ def test_score_job_runs_through_ray_job_submit(cluster, demo_dir, tmp_path):
     import pandas as pd
     import torch
 
-    from medray import checkpoint
-    from medray.models import build_model
+    from medray.training import checkpoint
+    from medray.training.models import build_model
 
     address, head, log = cluster
     model = tmp_path / "model"

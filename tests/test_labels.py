@@ -3,7 +3,9 @@
 import numpy as np
 import pandas as pd
 import pytest
-from medray.labels import (
+from sklearn.metrics import cohen_kappa_score
+
+from medray.data.labels import (
     agreement_summary,
     attach,
     cohen_pairs,
@@ -11,8 +13,7 @@ from medray.labels import (
     fleiss_from_votes,
     fleiss_kappa,
 )
-from medray.manifest import Manifest
-from sklearn.metrics import cohen_kappa_score
+from medray.data.manifest import Manifest
 
 
 def votes(rows):
@@ -85,7 +86,7 @@ def test_votes_other_than_zero_and_one_are_refused_naming_the_column():
 
 def test_medray_consensus_writes_the_manifest_with_agreement_columns(tmp_path, capsys):
     from medray.cli import main
-    from medray.manifest import read_manifest, write_manifest
+    from medray.data.manifest import read_manifest, write_manifest
 
     frame = pd.DataFrame({"image": ["/x/a.png", "/x/b.png"], "patient_id": ["1", "2"], "Mass": [0.0, 0.0], "Nodule": [0.0, 0.0]})
     write_manifest(Manifest(frame, ["Mass", "Nodule"]), str(tmp_path / "m.parquet"))

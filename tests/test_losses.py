@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from medray.losses import WeightedBCE, class_weights
+from medray.training.losses import WeightedBCE, class_weights
 
 
 def test_seed_weights_for_six_normal_and_two_mass_images():

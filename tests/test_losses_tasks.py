@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from medray.losses import (
+from medray.training.losses import (
     WeightedBCE,
     class_weights,
     make_loss,

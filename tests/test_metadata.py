@@ -6,13 +6,13 @@ import logging
 import numpy as np
 import pandas as pd
 import pytest
-from test_datasets_table import image
 
 from medray.config import ColumnsConfig
-from medray.datasets import Options, ingest_table
-from medray.manifest import read_manifest
-from medray.metadata import ages, sexes
-from medray.subgroups import subgroup_table
+from medray.data.datasets import Options, ingest_table
+from medray.data.manifest import read_manifest
+from medray.data.metadata import ages, sexes
+from medray.evaluation.subgroups import subgroup_table
+from test_datasets_table import image
 
 
 @pytest.mark.parametrize(

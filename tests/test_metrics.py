@@ -2,7 +2,9 @@
 
 import numpy as np
 import pytest
-from medray.metrics import (
+from sklearn.metrics import average_precision_score, cohen_kappa_score, roc_auc_score
+
+from medray.evaluation.metrics import (
     at_threshold,
     auprc,
     auroc,
@@ -11,7 +13,6 @@ from medray.metrics import (
     predictive_values,
     single_label_summary,
 )
-from sklearn.metrics import average_precision_score, cohen_kappa_score, roc_auc_score
 
 Y = np.array([0, 0, 0, 0, 1, 1, 1, 0, 1, 1])
 P = np.array([0.1, 0.2, 0.3, 0.6, 0.4, 0.7, 0.8, 0.35, 0.9, 0.55])
@@ -101,7 +102,7 @@ def test_binary_accuracy_is_reported_at_0_5_as_benchmarks_do_and_at_the_val_thre
 def test_ordinal_accuracy_is_the_argmax_of_differenced_cumulative_probabilities_beside_the_expected_grade():
     import torch
 
-    from medray.losses import probabilities
+    from medray.training.losses import probabilities
 
     exceeds = torch.tensor([[0.9, 0.55, 0.5, 0.05]])  # P(grade > k): class probabilities .10 .35 .05 .45 .05
     probs = probabilities("ordinal", torch.logit(exceeds)).numpy().astype(float)
@@ -129,6 +130,6 @@ def test_evaluation_settings_are_validated_naming_the_field():
 
 
 def test_a_threshold_near_1_is_shown_with_the_decimals_that_keep_it_below_1():
-    from medray.report.sections import threshold_text
+    from medray.evaluation.report.sections import threshold_text
 
     assert [threshold_text(t) for t in (0.5, 0.99994, 0.0000312, 1.0, 0.9991)] == ["0.500", "0.99994", "0.00003", "1.000", "0.9991"]

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torchvision import models as tvm
 
-from medray.models import BACKBONES, WeightsError, build_model, head_module, stage_modules
+from medray.training.models import BACKBONES, WeightsError, build_model, head_module, stage_modules
 
 
 @pytest.mark.parametrize(

@@ -5,12 +5,12 @@ import io
 import numpy as np
 import pytest
 import tifffile
-from dicom_files import dataset, gradient, jpeg_baseline, to_bytes
 from PIL import Image
 from pydicom.dataset import Dataset
 from pydicom.uid import JPEG2000, JPEG2000Lossless, RLELossless
 
-from medray.images import ImageError, decode, load
+from dicom_files import dataset, gradient, jpeg_baseline, to_bytes
+from medray.io.images import ImageError, decode, load
 
 
 def png(pixels: np.ndarray) -> bytes:

@@ -7,15 +7,15 @@ import logging
 
 import pandas as pd
 import pytest
-from test_datasets_chexpert import chexpert  # noqa: F401  (the fixture)
-from test_datasets_nih import write_release
-from test_datasets_table import image
 
 from medray.cli import main
 from medray.config import ColumnsConfig, IngestConfig
-from medray.datasets import Options, ingest, ingest_chexpert, ingest_nih, ingest_table
-from medray.datasets.encoding import TableError
-from medray.manifest import read_manifest
+from medray.data.datasets import Options, ingest, ingest_chexpert, ingest_nih, ingest_table
+from medray.data.datasets.encoding import TableError
+from medray.data.manifest import read_manifest
+from test_datasets_chexpert import chexpert  # noqa: F401  (the fixture)
+from test_datasets_nih import write_release
+from test_datasets_table import image
 
 UNCHECKED = Options(check=False)
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from medray import recipe
 from medray.config import build_config
-from medray.losses import WeightedBCE, WeightedCE
-from medray.train import trainee
+from medray.training import recipe
+from medray.training.losses import WeightedBCE, WeightedCE
+from medray.training.trainer import trainee
 
 
 def test_the_learning_rate_warms_up_then_decays_to_zero():

@@ -6,12 +6,12 @@ import io
 import numpy as np
 import pandas as pd
 import yaml
-from dicom_files import dataset, gradient, to_bytes
 from PIL import Image
 
-from medray import storage
+from dicom_files import dataset, gradient, to_bytes
 from medray.cli import main
-from medray.manifest import read_manifest
+from medray.data.manifest import read_manifest
+from medray.io import storage
 
 
 def png(value: int) -> bytes:
@@ -58,7 +58,7 @@ def test_csv_and_images_on_s3_ingest_with_the_endpoint_from_the_config(s3, ray_s
 
 
 def test_medmnist_on_s3_writes_its_png_files_to_s3(s3, ray_session):
-    from medray.datasets import Options, ingest_medmnist
+    from medray.data.datasets import Options, ingest_medmnist
 
     client, bucket = s3
     arrays = {f"{split}_{kind}": np.zeros((2, 28, 28), np.uint8) if kind == "images" else np.array([[0], [1]])

@@ -12,8 +12,8 @@ import pytest
 from PIL import Image
 
 from medray.config import build_config, load_config, save_config
-from medray.datasets import ingest
-from medray.manifest import read_manifest
+from medray.data.datasets import ingest
+from medray.data.manifest import read_manifest
 
 SALT_ENV = "MEDRAY_PSEUDONYM_SALT"
 SALT = "kept-by-the-data-steward"

@@ -3,7 +3,7 @@ import pandas as pd
 import pytest
 
 from medray.data import decoded, resampled
-from medray.sampling import COLUMN, draw, expected_draws
+from medray.data.sampling import COLUMN, draw, expected_draws
 
 
 def frame(n_pos=10, n_neg=90) -> pd.DataFrame:

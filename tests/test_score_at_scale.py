@@ -14,12 +14,13 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
-from s3 import upload_tree
 
-from medray import checkpoint, storage
 from medray.config import build_config
-from medray.models import build_model
-from medray.score import COMMITTED, SUMMARY, score
+from medray.io import storage
+from medray.scoring.score import COMMITTED, SUMMARY, score
+from medray.training import checkpoint
+from medray.training.models import build_model
+from s3 import upload_tree
 
 LABELS = ["Mass", "Nodule", "Cardiomegaly", "Effusion"]
 REPO = Path(__file__).resolve().parents[1]
@@ -161,7 +162,7 @@ def test_a_killed_scoring_job_rerun_scores_every_input_exactly_once(ray_session,
 
 
 def test_rows_delivered_twice_by_a_retried_task_are_written_once(tmp_path):
-    from medray.score import _PartWriter
+    from medray.scoring.score import _PartWriter
 
     def rows(positions):
         return pd.DataFrame({"image": [f"/archive/{p}.png" for p in positions], "prob_Mass": 0.5, "error": "",

@@ -1,7 +1,7 @@
 import pytest
 
 from medray.config import JobConfig
-from medray.search_space import SearchSpaceError, load_space, nest
+from medray.sweeps.space import SearchSpaceError, load_space, nest
 
 BASE = JobConfig().model_dump(mode="json", exclude={"tune"})
 

@@ -4,8 +4,8 @@ as folder ingest writes it, or by patient) never decides what a DDP worker sees.
 import pytest
 
 from medray.config import build_config
-from medray.manifest import Manifest, read_manifest, write_manifest
-from medray.train import shuffled, train
+from medray.data.manifest import Manifest, read_manifest, write_manifest
+from medray.training.trainer import shuffled, train
 
 
 def row_ids(ds) -> list[int]:

@@ -2,8 +2,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from medray.manifest import Manifest
-from medray.splits import LeakageError, assert_patient_disjoint, split_by_patient
+from medray.data.manifest import Manifest
+from medray.data.splits import LeakageError, assert_patient_disjoint, split_by_patient
 
 
 def synthetic(patients=300, prevalence=0.3, seed=1) -> Manifest:

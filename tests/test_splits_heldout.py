@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 
 from medray.config import build_config
-from medray.manifest import Manifest
-from medray.splits import FOLD, fold_view, split_by_patient, split_with_config
+from medray.data.manifest import Manifest
+from medray.data.splits import FOLD, fold_view, split_by_patient, split_with_config
 
 
 def synthetic(patients=400, seed=1, sites=("A", "B", "C")) -> Manifest:
@@ -105,7 +105,7 @@ def test_the_split_config_section_reaches_the_split():
 
 def test_medray_split_takes_several_labels_sites_and_folds(tmp_path):
     from medray.cli import main
-    from medray.manifest import read_manifest, write_manifest
+    from medray.data.manifest import read_manifest, write_manifest
 
     source = write_manifest(synthetic(), str(tmp_path / "manifest.parquet"))
     out = str(tmp_path / "split.parquet")
@@ -117,12 +117,12 @@ def test_medray_split_takes_several_labels_sites_and_folds(tmp_path):
 
 def test_medray_split_keeps_an_official_split_with_a_warning_unless_forced(tmp_path, caplog):
     from medray.cli import main
-    from medray.manifest import Manifest, read_manifest, write_manifest
+    from medray.data.manifest import Manifest, read_manifest, write_manifest
 
     manifest = synthetic()
     official = np.where(manifest.frame.index % 10 == 0, "test", np.where(manifest.frame.index % 10 == 1, "val", "train"))
     source = write_manifest(Manifest(manifest.frame.assign(split=official), manifest.labels), str(tmp_path / "m.parquet"))
-    with caplog.at_level(logging.WARNING, logger="medray.splits"):
+    with caplog.at_level(logging.WARNING, logger="medray.data.splits"):
         main(["split", source, str(tmp_path / "kept.parquet")])
     assert (read_manifest(str(tmp_path / "kept.parquet")).frame["split"] == official).all()
     assert "already has a split (train 799, test 100, val 100): kept; pass --force" in caplog.text

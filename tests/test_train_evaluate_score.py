@@ -6,14 +6,14 @@ import shutil
 import numpy as np
 import pandas as pd
 import pytest
-from s3 import upload_tree
 
-from medray.checkpoint import BEST_FILE
 from medray.config import build_config
-from medray.evaluate import evaluate
-from medray.manifest import read_manifest
-from medray.score import score
-from medray.train import train
+from medray.data.manifest import read_manifest
+from medray.evaluation.evaluate import evaluate
+from medray.scoring.score import score
+from medray.training.checkpoint import BEST_FILE
+from medray.training.trainer import train
+from s3 import upload_tree
 
 
 def job(storage, manifest, epochs=1, **sections):

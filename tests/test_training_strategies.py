@@ -6,8 +6,8 @@ import json
 import pytest
 
 from medray.config import build_config
-from medray.models import build_model, head_module
-from medray.train import train
+from medray.training.models import build_model, head_module
+from medray.training.trainer import train
 
 RUNS = {
     "full": ({}, {"weighting": "effective_number"}, {"strategy": "oversample"}),
@@ -54,9 +54,9 @@ def test_single_label_tasks_train_and_give_a_distribution_per_image(task, demo_m
     import numpy as np
     import pandas as pd
 
-    from medray.evaluate import evaluate
-    from medray.manifest import Manifest, write_manifest
-    from medray.splits import split_by_patient
+    from medray.data.manifest import Manifest, write_manifest
+    from medray.data.splits import split_by_patient
+    from medray.evaluation.evaluate import evaluate
 
     frame = demo_manifest.frame
     grade = np.minimum(frame[demo_manifest.labels].sum(axis=1).to_numpy(dtype=int), 2)

@@ -11,7 +11,7 @@ import pandas as pd
 import yaml
 
 from medray.config import build_config, load_config
-from medray.tune import run_sweep
+from medray.sweeps.tune import run_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -13,14 +13,14 @@ import pytest
 import tifffile
 from PIL import Image
 
-from medray import storage
 from medray.config import build_config
-from medray.manifest import Manifest
+from medray.data.manifest import Manifest
+from medray.io import storage
 from medray.wsi import demo_slides
 from medray.wsi.extract import ExtractSpec, done_marker, extract_patches, slide_key
 from medray.wsi.grid import GridSpec
-from medray.wsi.manifest import read_slide_manifest
 from medray.wsi.job import extract_job
+from medray.wsi.manifest import read_slide_manifest
 
 SPEC = ExtractSpec(GridSpec(target_mpp=1.0, patch_size=32, min_tissue=0.5, max_patches=24), labels_from="annotation",
                    thumbnail_side=128, min_region_um2=2000, chunk_patches=10)  # fmt: skip
@@ -160,8 +160,8 @@ def test_extraction_reads_slides_from_s3_and_writes_shards_there(slide_dir, extr
 
 
 def test_train_on_patches_then_evaluate_per_slide_with_heatmaps(slide_dir, tmp_path, ray_session):
-    from medray.evaluate import evaluate
-    from medray.train import train
+    from medray.jobs import evaluate
+    from medray.training.trainer import train
 
     raw = {"name": "wsi", "storage": str(tmp_path), "split": {"val": 0.3, "test": 0.3, "min_positive": 0.3, "label": "tumour", "train_keeps_positive": 0.0},
            "wsi": {"slides": str(slide_dir / "good.csv"), "patches": str(tmp_path / "patches"), "patch_size": 32, "max_patches": 16,

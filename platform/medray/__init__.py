@@ -15,8 +15,6 @@ the first time it is used.
 from __future__ import annotations
 
 import importlib
-import sys
-import types
 from importlib.metadata import PackageNotFoundError, version
 
 try:
@@ -31,15 +29,15 @@ _EXPORTS = {
     "ConfigError": "medray.config",
     "MedrayError": "medray.errors",
     "start": "medray.runtime",
-    "ingest": "medray.datasets",
-    "split_with_config": "medray.splits",
-    "audit": "medray.audit",
-    "prepare": "medray.cache",
-    "train": "medray.train",
-    "run_sweep": "medray.tune",
-    "evaluate": "medray.evaluate",
-    "score": "medray.score",
-    "compare": "medray.compare",
+    "ingest": "medray.data.datasets",
+    "split_with_config": "medray.data.splits",
+    "audit": "medray.data.audit",
+    "prepare": "medray.data.cache",
+    "train": "medray.training.trainer",
+    "run_sweep": "medray.sweeps.tune",
+    "evaluate": "medray.jobs",
+    "score": "medray.scoring.score",
+    "compare": "medray.evaluation.compare",
     "extract_job": "medray.wsi.job",
     "run_demo": "medray.demo",
 }
@@ -57,17 +55,3 @@ def __getattr__(name: str):
 
 def __dir__() -> list[str]:
     return sorted(__all__)
-
-
-class _Package(types.ModuleType):
-    """``medray.train`` is the function even after ``medray/train.py`` is imported: the import system
-    binds each submodule on its package, which would shadow the job functions of the same name
-    (train, evaluate, score, audit, compare). ``from medray.train import X`` is unaffected."""
-
-    def __setattr__(self, name: str, value) -> None:
-        if name in _EXPORTS and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

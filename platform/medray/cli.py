@@ -53,7 +53,7 @@ def _overrides(args: argparse.Namespace) -> list[str]:
 
 
 def _demo_data(args, config) -> None:
-    from medray.demo_data import generate
+    from medray.data.demo_data import generate
 
     d = config.demo_data
     print(generate(args.out, d.patients, d.image_size, d.seed))
@@ -67,14 +67,14 @@ def _demo_data_arguments(parser) -> None:
 
 
 def _ingest(args, config) -> None:
-    from medray import storage
-    from medray.datasets import ingest
+    from medray.data.datasets import ingest
+    from medray.io import storage
 
     try:
         result = ingest(storage.absolute(args.source), storage.absolute(args.out), config.ingest)
     except MedrayError:
         raise
-    except ValueError as err:  # the adapters (medray.datasets) report unusable input as ValueError
+    except ValueError as err:  # the adapters (medray.data.datasets) report unusable input as ValueError
         raise DataError(str(err)) from err
     print(f"{result.balance}\nmanifest: {result.manifest}\nquarantine: {result.quarantine}")
 
@@ -88,9 +88,9 @@ def _ingest_arguments(parser) -> None:
 
 
 def _split(args, config) -> None:
-    from medray import storage
-    from medray.manifest import Manifest, read_manifest, write_manifest
-    from medray.splits import split_with_config, summary
+    from medray.data.manifest import Manifest, read_manifest, write_manifest
+    from medray.data.splits import split_with_config, summary
+    from medray.io import storage
 
     manifest = read_manifest(storage.absolute(args.manifest))
     frame = split_with_config(manifest, config.split, args.force)
@@ -115,8 +115,8 @@ def _split_arguments(parser) -> None:
 
 
 def _audit(args, config) -> None:
-    from medray import storage
-    from medray.audit import audit
+    from medray.data.audit import audit
+    from medray.io import storage
 
     out = storage.absolute(args.out) if args.out else storage.join(config.run_dir, "audit")
     result = audit(storage.absolute(args.manifest), out, config.audit.max_distance, config.audit.thumbnails)
@@ -138,9 +138,9 @@ def _consensus(args, config) -> None:
 
     import pandas as pd
 
-    from medray import storage
-    from medray.labels import agreement_summary, attach, cohen_pairs
-    from medray.manifest import read_manifest, write_manifest
+    from medray.data.labels import agreement_summary, attach, cohen_pairs
+    from medray.data.manifest import read_manifest, write_manifest
+    from medray.io import storage
 
     votes = pd.read_csv(io.BytesIO(storage.read_bytes(storage.absolute(args.votes))))
     manifest = read_manifest(storage.absolute(args.manifest))
@@ -164,9 +164,9 @@ def _consensus_arguments(parser) -> None:
 
 
 def _explain(args, config) -> None:
-    from medray import storage
-    from medray.checkpoint import locate
-    from medray.explain import write_overlays
+    from medray.evaluation.explain import write_overlays
+    from medray.io import storage
+    from medray.training.checkpoint import locate
 
     uri = locate(storage.absolute(args.checkpoint))
     labels = _names(args.labels) if args.labels else None
@@ -182,8 +182,8 @@ def _explain_arguments(parser) -> None:
 
 
 def _compare(args, config) -> None:
-    from medray import storage
-    from medray.compare import compare
+    from medray.evaluation.compare import compare
+    from medray.io import storage
 
     table, paths = compare(config, storage.absolute(args.a), storage.absolute(args.b))
     print(table[["auroc_a", "auroc_b", "difference", "p_value", "difference_lo", "difference_hi"]].round(4).to_string())
@@ -210,7 +210,7 @@ def _demo_slides_arguments(parser) -> None:
 
 
 def _tissue(args, config) -> None:
-    from medray import storage
+    from medray.io import storage
     from medray.wsi.slides import open_slide
     from medray.wsi.tissue import detect, overlay_png
 
@@ -228,7 +228,7 @@ def _tissue_arguments(parser) -> None:
 
 
 def _train(args, config) -> None:
-    from medray.train import train
+    from medray.training.trainer import train
 
     result = train(config)
     print(f"best checkpoint (val mean AUROC {result.metrics['val_auroc_mean']:.3f}): {result.best_checkpoint}")
@@ -236,7 +236,7 @@ def _train(args, config) -> None:
 
 def _tune(args, config) -> None:
     from medray.config import ConfigError
-    from medray.tune import run_sweep
+    from medray.sweeps.tune import run_sweep
 
     if not config.tune.space:
         raise ConfigError("tune.space: set a search space, e.g. --set tune.space=tune_spaces/imbalance.yaml")
@@ -246,7 +246,7 @@ def _tune(args, config) -> None:
 
 
 def _evaluate(args, config) -> None:
-    from medray.evaluate import evaluate
+    from medray.jobs import evaluate
 
     evaluation = evaluate(config)
     print(evaluation.table[["auroc", "sensitivity", "specificity", "prevalence"]].round(3).to_string())
@@ -254,7 +254,7 @@ def _evaluate(args, config) -> None:
 
 
 def _score(args, config) -> None:
-    from medray.score import score
+    from medray.scoring.score import score
 
     s = score(config)
     print(f"scored {s.inputs} inputs: {s.scored} scored, {s.errors} errors → {s.output}")
@@ -267,7 +267,7 @@ def _demo(args, config) -> None:
 
 
 def _extract_patches(args, config) -> None:
-    from medray import storage
+    from medray.io import storage
     from medray.wsi.job import extract_job
 
     r, _ = extract_job(config)
@@ -280,7 +280,7 @@ def _extract_patches(args, config) -> None:
 
 
 def _prepare(args, config) -> None:
-    from medray.cache import prepare
+    from medray.data.cache import prepare
 
     d = config.data
     result = prepare(config.manifest, d.cache, d.image_size, config.model.in_channels)
@@ -349,8 +349,8 @@ def _execute(verb: str, args: argparse.Namespace) -> None:
 
             config = start(args.config, _overrides(args), ray=command.ray)
         if command.job:
-            from medray import storage
             from medray.config import save_config
+            from medray.io import storage
 
             save_config(config, storage.join(config.run_dir, f"{verb}.config.yaml"))
         command.run(args, config)

@@ -22,8 +22,9 @@ from pydantic import (
     model_validator,
 )
 
-from medray import storage
+from medray.choices import BACKBONE_NAMES, augment_params
 from medray.errors import MedrayError
+from medray.io import storage
 
 Uri = Annotated[str, AfterValidator(storage.absolute)]
 
@@ -85,10 +86,7 @@ class DataConfig(_Section):
 
     @model_validator(mode="after")
     def _known_policy(self):
-        if {"augment", "augment_params"} & self.model_fields_set:  # the default needs no torch import to trust
-            from medray.augment import resolve
-
-            resolve(self.augment, self.augment_params)  # raises, naming the unknown policy or parameter
+        augment_params(self.augment, self.augment_params)  # raises, naming the unknown policy or parameter
         return self
 
 
@@ -122,11 +120,8 @@ class ModelConfig(_Section):
 
     @model_validator(mode="after")
     def _known_backbone(self):
-        if "backbone" in self.model_fields_set:  # the default needs no torch import to trust
-            from medray.models import BACKBONES
-
-            if self.backbone not in BACKBONES:
-                raise ValueError(f"unknown backbone {self.backbone!r}; known: {', '.join(sorted(BACKBONES))}")
+        if self.backbone not in BACKBONE_NAMES:
+            raise ValueError(f"unknown backbone {self.backbone!r}; known: {', '.join(sorted(BACKBONE_NAMES))}")
         return self
 
 

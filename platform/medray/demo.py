@@ -11,17 +11,17 @@ import time
 
 import pandas as pd
 
-from medray import storage
 from medray.config import JobConfig
-from medray.audit import audit
-from medray.datasets import ingest_nih
-from medray.demo_data import FINDINGS, generate
-from medray.evaluate import evaluate
-from medray.labels import agreement_summary, attach
-from medray.manifest import Manifest, read_manifest, write_manifest
-from medray.score import score
-from medray.splits import split_with_config, summary
-from medray.train import train
+from medray.data.audit import audit
+from medray.data.datasets import ingest_nih
+from medray.data.demo_data import FINDINGS, generate
+from medray.data.labels import agreement_summary, attach
+from medray.data.manifest import Manifest, read_manifest, write_manifest
+from medray.data.splits import split_with_config, summary
+from medray.evaluation.evaluate import evaluate
+from medray.io import storage
+from medray.scoring.score import score
+from medray.training.trainer import train
 
 
 def _step(title: str) -> None:

@@ -11,8 +11,8 @@ import os
 import sys
 from pathlib import Path
 
-from medray import storage
 from medray.config import JobConfig, load_config
+from medray.io import storage
 
 
 def start(config: JobConfig | str | None = None, overrides: list[str] | None = None, ray: bool = True) -> JobConfig:

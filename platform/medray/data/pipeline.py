@@ -14,8 +14,8 @@ import numpy as np
 import pandas as pd
 import ray
 
-from medray import images
-from medray.sampling import COLUMN, resample_batch
+from medray.data.sampling import COLUMN, resample_batch
+from medray.io import images
 
 log = logging.getLogger(__name__)
 BATCH = 64
@@ -55,5 +55,5 @@ def decoded(frame: pd.DataFrame, labels: list[str], size: int, channels: int = 1
 
 
 def resampled(ds: ray.data.Dataset) -> ray.data.Dataset:
-    """A new sample on every pass, from the ``multiplicity`` column (see medray.sampling)."""
+    """A new sample on every pass, from the ``multiplicity`` column (see medray.data.sampling)."""
     return ds.map_batches(resample_batch, batch_size=BATCH)

@@ -29,8 +29,8 @@ import ray
 from PIL import Image
 from tqdm import tqdm
 
-from medray import storage
-from medray.manifest import LABELS_KEY, TASK_KEY, Manifest
+from medray.data.manifest import LABELS_KEY, TASK_KEY, Manifest
+from medray.io import storage
 from medray.wsi.grid import GridSpec, patch_grid, patch_labels
 from medray.wsi.slides import SlideError, open_slide
 from medray.wsi.tissue import detect, overlay_png

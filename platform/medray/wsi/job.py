@@ -6,10 +6,10 @@ a patient — lands on one side; a manifest that already has a ``split`` column 
 
 from __future__ import annotations
 
-from medray import storage
 from medray.config import JobConfig
-from medray.manifest import Manifest, write_manifest
-from medray.splits import assert_patient_disjoint, split_by_patient, summary
+from medray.data.manifest import Manifest, write_manifest
+from medray.data.splits import assert_patient_disjoint, split_by_patient, summary
+from medray.io import storage
 from medray.wsi.extract import ExtractResult, ExtractSpec, extract_patches
 from medray.wsi.grid import GridSpec
 from medray.wsi.manifest import read_slide_manifest

@@ -2,7 +2,7 @@
 
 Read from a CSV (paths relative to the CSV are resolved against its folder, so a dataset folder can
 move, or live on S3) or from a Parquet manifest written by medray. The result is a canonical
-``Manifest`` (medray.manifest), so that ``split_by_patient`` and everything else apply unchanged.
+``Manifest`` (medray.data.manifest), so that ``split_by_patient`` and everything else apply unchanged.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import os
 import numpy as np
 import pandas as pd
 
-from medray import storage
-from medray.manifest import Manifest, ManifestError, read_manifest, validate
+from medray.data.manifest import Manifest, ManifestError, read_manifest, validate
+from medray.io import storage
 
 KNOWN = ("image", "patient_id", "slide_id", "mask", "study_id", "split", "sex", "age", "view", "site")
 

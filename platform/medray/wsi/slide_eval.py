@@ -2,7 +2,7 @@
 
 A pathologist decides per slide, so that is where medray measures: each held-out slide's patch
 probabilities are pooled (mean, max or the mean of the top k), and the slide-level scores go
-through the same metrics as images do (``medray.metrics.label_table``: thresholds chosen on the
+through the same metrics as images do (``medray.evaluation.metrics.label_table``: thresholds chosen on the
 validation slides, applied unchanged to the test slides). The report shows each test slide's
 thumbnail with its patch scores laid over it.
 """
@@ -13,22 +13,21 @@ import io
 import logging
 import math
 
-import matplotlib
-
-matplotlib.use("Agg")  # headless, before pyplot is imported
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import ray
 from PIL import Image
 
-from medray import checkpoint, splits, storage
 from medray.config import JobConfig
-from medray.metrics import auroc, label_table
-from medray.predict import predict, prob_columns
-from medray.report import Figure, Section, plots, write_report
+from medray.data import splits
+from medray.data.patches import patch_labels, shard_uris
+from medray.evaluation.metrics import auroc, label_table
+from medray.evaluation.predict import predict, prob_columns
+from medray.evaluation.report import Figure, Section, plots, write_report
+from medray.io import storage
+from medray.io.figures import plt, png
+from medray.training import checkpoint
 from medray.wsi.extract import slide_key
-from medray.wsi.training import shard_uris
 
 log = logging.getLogger(__name__)
 HEATMAPS_SHOWN = 12
@@ -99,10 +98,7 @@ def heatmaps_png(slides: pd.DataFrame, scored: pd.DataFrame, patches: str, colum
     if image is not None:
         fig.colorbar(image, ax=axes, shrink=0.6, label=f"patch P({label})")
     fig.suptitle(f"Patch scores over the test slides ({len(shown)} of {len(slides)} shown)")
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return buffer.getvalue()
+    return png(fig)
 
 
 def _write_parquet(frame: pd.DataFrame, uri: str) -> None:
@@ -113,8 +109,7 @@ def _write_parquet(frame: pd.DataFrame, uri: str) -> None:
 
 def evaluate_slides(config: JobConfig):
     """Score the held-out patches, pool them per slide, and report slide-level metrics and heatmaps."""
-    from medray.evaluate import Evaluation, with_intervals
-    from medray.wsi.training import patch_labels
+    from medray.evaluation.evaluate import Evaluation, with_intervals
 
     patches, w = config.wsi.patches, config.wsi
     checkpoint_uri = checkpoint.resolve(config.evaluate.checkpoint, config.run_dir)

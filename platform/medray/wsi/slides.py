@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from medray import storage
 from medray.errors import MedrayError
+from medray.io import storage
 
 SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".bif", ".svslide")
 _UNIT_CM = {2: 2.54, 3: 1.0}  # TIFF ResolutionUnit: 2 inch, 3 centimetre, in cm per unit

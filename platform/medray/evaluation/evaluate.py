@@ -1,0 +1,180 @@
+"""Evaluation on the held-out test split, with thresholds and temperatures chosen on the validation split.
+
+What it computes, each in its own module: per-label metrics with patient-bootstrap intervals
+(``metrics``, ``intervals``), PPV/NPV at deployment prevalence, calibration before and after
+temperature scaling (``calibration``), subgroups (``subgroups``), rater agreement and the metrics on
+unanimous cases (``labels``), and an error gallery with Grad-CAM (``explain``). ``report.sections``
+turns the result into the report and model card.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from medray.config import JobConfig
+from medray.data import rows, splits
+from medray.data.labels import agreement_summary
+from medray.data.manifest import read_manifest
+from medray.evaluation import calibration, explain, intervals
+from medray.evaluation.metrics import at_threshold, auroc, check_prevalence, label_table, single_label_summary
+from medray.evaluation.predict import predict, prob_columns
+from medray.evaluation.subgroups import subgroup_table
+from medray.io import storage
+from medray.training import checkpoint
+
+log = logging.getLogger(__name__)
+METADATA = ("patient_id", "study_id", "sex", "age", "view", "site")
+VOTE_PREFIXES = ("agreement_", "votes_", "raters_")
+
+
+@dataclass
+class Evaluation:
+    table: pd.DataFrame  # per label: metrics at the val threshold, with <metric>_lo / _hi intervals
+    calibration: pd.DataFrame
+    subgroups: pd.DataFrame
+    agreement: pd.DataFrame
+    unanimous: pd.DataFrame
+    summary: dict = field(default_factory=dict)
+    paths: dict = field(default_factory=dict)
+
+    @property
+    def mean_auroc(self) -> float:
+        return float(self.table["auroc"].mean())
+
+
+def with_intervals(table: pd.DataFrame, test: pd.DataFrame, labels: list[str], resamples: int, seed: int) -> pd.DataFrame:
+    table = table.copy()
+    for label in labels:
+        ci = intervals.bootstrap_intervals(
+            test[label], test[f"prob_{label}"], test["patient_id"], table.loc[label, "threshold"], resamples, seed
+        )
+        for metric, (lo, hi) in ci.items():
+            table.loc[label, f"{metric}_lo"], table.loc[label, f"{metric}_hi"] = lo, hi
+    return table
+
+
+def calibration_table(task: str, labels, val_y, val_p, test_y, test_p, bins: int, fit: bool) -> tuple[pd.DataFrame, np.ndarray, list]:
+    """ECE per label on test before (and after) temperature scaling fitted on val."""
+    temperature = calibration.fit_temperature(task, val_p, val_y) if fit else None
+    calibrated = calibration.calibrate(task, test_p, temperature) if fit else test_p
+    rows_ = []
+    for i, label in enumerate(labels):
+        row = {"label": label, "ece_before": calibration.expected_calibration_error(test_y[:, i], test_p[:, i], bins)}
+        if fit:
+            row["ece_after"] = calibration.expected_calibration_error(test_y[:, i], calibrated[:, i], bins)
+            if task == "multi-label":
+                row["temperature"] = temperature[i]
+        rows_.append(row)
+    return pd.DataFrame(rows_).set_index("label"), calibrated, temperature
+
+
+UNANIMOUS_COLUMNS = ["positives", "auroc", "auroc_lo", "auroc_hi", "sensitivity", "specificity"]
+
+
+def unanimous_table(test: pd.DataFrame, labels: list[str], table: pd.DataFrame, resamples: int, seed: int) -> pd.DataFrame:
+    """AUROC, sensitivity and specificity on all test images beside those the raters agreed on unanimously."""
+    out = []
+    for label in labels:
+        if f"agreement_{label}" not in test:
+            continue
+        row = table.loc[label]  # all cases: already measured, intervals included
+        out.append({"label": label, "cases": "all", "images": int(row["n"]), **{c: row[c] for c in UNANIMOUS_COLUMNS}})
+        part = test[test[f"agreement_{label}"] == "unanimous"]
+        y, p = part[label].to_numpy(float), part[f"prob_{label}"].to_numpy(float)
+        lo, hi = intervals.bootstrap_intervals(y, p, part["patient_id"], row["threshold"], resamples, seed)["auroc"]
+        counts = at_threshold(y, p, row["threshold"])
+        out.append({"label": label, "cases": "unanimous", "images": int((~np.isnan(y)).sum()), "positives": int(np.nansum(y)),
+                    "auroc": auroc(y, p), "auroc_lo": lo, "auroc_hi": hi,
+                    "sensitivity": counts["sensitivity"], "specificity": counts["specificity"]})  # fmt: skip
+    return pd.DataFrame(out)
+
+
+def error_cases(test: pd.DataFrame, labels: list[str], table: pd.DataFrame, k: int) -> list[dict]:
+    """Per label, the ``k`` most confident false positives and the ``k`` most confident false negatives."""
+    cases = []
+    for label in labels:
+        threshold, p = table.loc[label, "threshold"], test[f"prob_{label}"]
+        fp = test[(test[label] == 0) & (p >= threshold)].nlargest(k, f"prob_{label}")
+        fn = test[(test[label] == 1) & (p < threshold)].nsmallest(k, f"prob_{label}")
+        for kind, part in (("false positive", fp), ("false negative", fn)):
+            cases += [{"label": label, "kind": kind, "image": r.image, "prob": getattr(r, f"prob_{label}")} for r in part.itertuples()]
+    return cases
+
+
+def gradcam_tiles(checkpoint_uri: str, cases: list[dict]) -> list[tuple[str, bytes]]:
+    if not cases:
+        return []
+    explainer = explain.Explainer(checkpoint_uri)
+    tiles = []
+    for label in dict.fromkeys(c["label"] for c in cases):
+        mine = [c for c in cases if c["label"] == label]
+        pngs = explain.overlays(checkpoint_uri, [c["image"] for c in mine], label, explainer)
+        tiles += [(f"{c['label']} {c['kind']}\np = {c['prob']:.2f}", png) for c, png in zip(mine, pngs)]
+    return tiles
+
+
+def read_audit(run_dir: str) -> dict | None:
+    """The leakage audit's result (``<run>/audit/audit.json``, written by ``medray audit``), if it ran."""
+    uri = storage.join(run_dir, "audit", "audit.json")
+    if not storage.exists(uri):
+        return None
+    audit = json.loads(storage.read_text(uri))
+    if audit.get("thumbnails"):
+        thumbnails = storage.join(run_dir, "audit", audit["thumbnails"])
+        audit["thumbnails_png"] = storage.read_bytes(thumbnails) if storage.exists(thumbnails) else None
+    return audit
+
+
+def evaluate(config: JobConfig) -> Evaluation:
+    """Evaluate the run's best checkpoint on the held-out images (slides: ``medray.jobs.evaluate``)."""
+    # The report imports matplotlib: only when writing one.
+    from medray.evaluation.report.sections import build_report
+
+    e = config.evaluate
+    checkpoint_uri = checkpoint.resolve(e.checkpoint, config.run_dir)
+    manifest = read_manifest(config.manifest)
+    if config.data.fold is not None:  # thresholds on the fold the model was validated on
+        manifest.frame = splits.fold_view(manifest.frame, config.data.fold)
+    labels, probs, task = manifest.labels, prob_columns(manifest.labels), manifest.task
+    check_prevalence(labels, e.deployment_prevalence)  # before the slow part
+    frame = manifest.frame
+    columns = ["image", "split", *labels, *(c for c in frame if c in METADATA or c.startswith(VOTE_PREFIXES))]
+    held_out = frame[frame["split"].isin(["val", "test"])][columns]
+    # Raw outputs: temperatures are fitted here, so an existing calibration.json must not be applied first.
+    scored = predict(rows(held_out), checkpoint_uri, e.batch_size, calibrated=False).to_pandas()
+
+    failed = scored[scored["error"] != ""]
+    scored = scored[scored["error"] == ""]
+    val, test = scored[scored["split"] == "val"], scored[scored["split"] == "test"].reset_index(drop=True)
+    val_y, val_p, test_y, test_p = (f[c].to_numpy(dtype=float) for f in (val, test) for c in (labels, probs))
+    log.info("evaluating %d test images of %d patients (%d resamples)", len(test), test["patient_id"].nunique(), e.bootstrap)
+
+    table = label_table(labels, val_y, val_p, test_y, test_p, e.threshold, e.threshold_target, e.deployment_prevalence)
+    table = with_intervals(table, test, labels, e.bootstrap, e.seed)
+    summary = single_label_summary(task, test_y, test_p) if task != "multi-label" else {}
+    calib, calibrated, temperature = calibration_table(task, labels, val_y, val_p, test_y, test_p, e.calibration_bins, e.temperature_scaling)
+    if temperature is not None:
+        calib.attrs["file"] = calibration.save_temperature(checkpoint_uri, temperature)
+    subgroups = subgroup_table(test, labels, probs, table, e.bootstrap, e.seed, e.subgroup_min_cases)
+    agreement = agreement_summary(test, labels)
+    unanimous = unanimous_table(test, labels, table, e.bootstrap, e.seed)
+    tiles = gradcam_tiles(checkpoint_uri, error_cases(test, labels, table, e.gallery))
+
+    out_dir = storage.join(config.run_dir, "evaluation")
+    buffer = io.BytesIO()
+    scored.to_parquet(buffer, index=False)
+    storage.write_bytes(storage.join(out_dir, "predictions.parquet"), buffer.getvalue())
+    result = Evaluation(table, calib, subgroups, agreement, unanimous, summary)
+    paths = build_report(
+        out_dir, config, manifest, result, checkpoint_uri,
+        splits.summary(frame, labels), test_y, test_p, calibrated, tiles, read_audit(config.run_dir), len(failed),
+    )  # fmt: skip
+    paths["predictions"] = storage.join(out_dir, "predictions.parquet")
+    result.paths = paths
+    return result

@@ -1,0 +1,122 @@
+"""Batch inference on Ray Data: an actor pool, each actor loading the model once.
+
+Used by evaluation and scoring alike. Decoding (CPU tasks) and the model (actors, on GPUs where
+there are any) are separate stages, so that a GPU is fed by every CPU of the cluster. Every input row comes out with one probability per label
+and an ``error`` column: an image that cannot be decoded gets NaN probabilities and the reason,
+never a missing row.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import ray
+import torch
+
+from medray.evaluation.calibration import load_temperature
+from medray.io import images
+from medray.training import checkpoint
+from medray.training.losses import head_size, probabilities
+from medray.training.models import to_input
+
+DECODE_BATCH = 32  # rows per decoding task: small enough to spread over every CPU
+
+
+def _load(source, uri: str, size: int, channels: int, encoded: bool) -> np.ndarray | str:
+    try:
+        if encoded:
+            return images.decode(source, uri, size, channels)
+        return images.load(str(source), size, channels)
+    except images.ImageError as err:
+        return str(err)
+    except Exception as err:  # noqa: BLE001 — one odd file must not fail the batch; no content in its reason
+        return f"{uri}: cannot be decoded ({err.__class__.__name__})"
+
+
+def decode_batch(batch: dict, size: int, channels: int, encoded: str | None = None) -> dict:
+    """Ray Data UDF (CPU tasks): each row's image, decoded and resized, in ``pixels``; ``error`` says
+    why a row has none. ``encoded`` names a column of image bytes to decode instead of the files."""
+    n = len(batch["image"])
+    pixels = np.zeros((n, size, size) if channels == 1 else (n, size, size, channels), dtype=np.uint8)
+    errors = np.full(n, "", dtype=object)
+    sources = batch[encoded] if encoded else batch["image"]
+    for i, source in enumerate(sources):
+        result = _load(source, "encoded image" if encoded else str(source), size, channels, bool(encoded))
+        if isinstance(result, str):
+            errors[i] = result
+        else:
+            pixels[i] = result
+    out = {k: v for k, v in batch.items() if k != encoded}
+    return {**out, "pixels": pixels, "error": errors}
+
+
+class Predictor:
+    """The model, loaded once per actor (on its GPU when it has one), turning decoded pixels into probabilities."""
+
+    def __init__(self, checkpoint_uri: str, calibrated: bool = True):
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        model, self.meta = checkpoint.load_model(checkpoint_uri)
+        self.model = model.to(self.device, memory_format=torch.channels_last if self.device.type == "cuda" else torch.preserve_format)
+        self.labels = self.meta["labels"]
+        # The checkpoint's calibration.json (see medray.evaluation.calibration); evaluation reads raw outputs to fit it.
+        self.temperature = None
+        temperature = load_temperature(checkpoint_uri) if calibrated else None
+        if temperature is not None:
+            outputs = head_size(self.meta["task"], len(self.labels))
+            if len(temperature) != outputs:
+                raise checkpoint.CheckpointError(f"{checkpoint_uri}: {len(temperature)} temperatures for {outputs} model outputs")
+            self.temperature = torch.tensor(temperature, dtype=torch.float32, device=self.device)
+
+    def __call__(self, batch: dict) -> dict:
+        pixels, errors = batch.pop("pixels"), batch["error"]
+        n = len(errors)
+        ok = errors == ""
+        probs = np.full((n, len(self.labels)), np.nan, dtype=np.float32)
+        if ok.any():
+            x = to_input(torch.from_numpy(np.ascontiguousarray(pixels[ok])), self.device)
+            with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+                logits = self.model(x).float()
+                if self.temperature is not None:
+                    logits = logits / self.temperature
+                probs[ok] = probabilities(self.meta["task"], logits).cpu().numpy()
+        batch.update({f"prob_{label}": probs[:, j] for j, label in enumerate(self.labels)})
+        batch["model_sha256"] = np.full(n, self.meta["sha256"], dtype=object)  # which model made each score
+        return batch
+
+
+def predict(
+    ds: ray.data.Dataset,
+    checkpoint_uri: str,
+    batch_size: int = 64,
+    actors: int = 1,
+    calibrated: bool = True,
+    cpus: float = 1.0,
+    encoded: str | None = None,
+) -> ray.data.Dataset:
+    """``ds`` must have an ``image`` column of URIs (or ``encoded``, a column of image bytes); other
+    columns pass through, and ``error`` and one ``prob_<label>`` per label are added.
+
+    Decoding runs in Ray Data tasks on every free CPU, the model in ``actors`` actors (one GPU each
+    when the cluster has GPUs, else ``cpus`` CPUs each for torch's threads) taking ``batch_size`` images
+    at a time: the model never waits for one actor's own decoding. ``calibrated`` applies the
+    checkpoint's temperatures where it has them."""
+    use_gpu = bool(ray.cluster_resources().get("GPU", 0))
+    total = ray.cluster_resources().get("CPU", 0)
+    if not use_gpu and actors * cpus >= total:
+        raise ValueError(
+            f"{actors} scoring actors × {cpus} CPUs take every CPU of the cluster ({total:g}), leaving none to "
+            "decode images: lower score.actors or score.cpus_per_actor"
+        )
+    meta = checkpoint.read_meta(checkpoint_uri)
+    decode = {"size": meta["image_size"], "channels": meta["in_channels"], "encoded": encoded}
+    return ds.map_batches(decode_batch, fn_kwargs=decode, batch_size=DECODE_BATCH).map_batches(
+        Predictor,
+        fn_constructor_kwargs={"checkpoint_uri": checkpoint_uri, "calibrated": calibrated},
+        batch_size=batch_size,
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_gpus=1 if use_gpu else 0,
+        num_cpus=1 if use_gpu else cpus,
+    )
+
+
+def prob_columns(labels: list[str]) -> list[str]:
+    return [f"prob_{label}" for label in labels]

@@ -1,0 +1,1 @@
+"""Batch scoring of whole archives: one output row per input, exactly once, resumable."""
