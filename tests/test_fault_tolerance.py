@@ -77,7 +77,8 @@ def _kill_a_worker_mid_run(run_dir: Path, registered: Path, last_epoch: int, kil
             except ValueError:
                 continue  # being written
             epoch = status["epoch"]
-            if 1 <= epoch < last_epoch and (registered / f"epoch_{epoch - 1:03d}").exists():
+            # The checkpoint of epoch index e-1 sits in folder epoch_<e> (folders count from 1, as the logs do).
+            if 1 <= epoch < last_epoch and (registered / f"epoch_{epoch:03d}").exists():
                 os.kill(status["pid"], signal.SIGKILL)
                 killed.update(status)
                 return

@@ -37,7 +37,7 @@ def run(tmp_path_factory, split_manifest_path, ray_session):
 def test_two_worker_ddp_run_writes_a_checkpoint_per_epoch(run):
     config, result = run
     run_dir = config.run_dir
-    meta = json.loads(open(f"{run_dir}/train/epoch_000/meta.json").read())
+    meta = json.loads(open(f"{run_dir}/train/epoch_001/meta.json").read())
     assert meta["labels"] == ["Mass", "Nodule", "Cardiomegaly", "Effusion"]
     assert meta["backbone"] == "resnet18" and meta["image_size"] == 32
     assert json.loads(open(f"{run_dir}/{BEST_FILE}").read())["checkpoint"] == result.best_checkpoint
@@ -55,10 +55,10 @@ def test_resubmitting_a_run_resumes_from_its_last_checkpoint(run, split_manifest
     storage = tmp_path / "runs"  # a copy to resume: the module's run stays as the other tests expect it
     shutil.copytree(shared.storage, storage)
     config = job(storage, split_manifest_path, epochs=2)
-    first = f"{config.run_dir}/train/epoch_000/model.pt"
+    first = f"{config.run_dir}/train/epoch_001/model.pt"
     before = open(first, "rb").read()
     result = train(config)
-    meta = json.loads(open(f"{config.run_dir}/train/epoch_001/meta.json").read())
+    meta = json.loads(open(f"{config.run_dir}/train/epoch_002/meta.json").read())
     assert meta["epoch"] == 1
     assert open(first, "rb").read() == before, "epoch 0 was trained again instead of resumed"
     assert result.metrics["epoch"] in (0, 1)
