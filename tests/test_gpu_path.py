@@ -5,6 +5,11 @@ CI has no GPU. Two stand-ins make the GPU's rules bite here: the ``meta`` device
 device but no data) and ``OnAccelerator``, a CPU tensor that refuses ``.numpy()`` as a CUDA tensor does.
 """
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -15,6 +20,7 @@ from medray.training.models import build_model
 from medray.training.trainer import TrainingError, train, trainee, validation_outputs
 
 LABELS = ["Mass", "Nodule", "Cardiomegaly", "Effusion"]
+REPO = Path(__file__).resolve().parents[1]
 
 
 class OnAccelerator(torch.Tensor):
@@ -85,5 +91,19 @@ def test_a_run_whose_workers_fail_ends_with_their_error_once_restarts_are_spent(
         "model": {"weights": str(weights)},
         "train": {"epochs": 1, "workers": 1, "cpus_per_worker": 0.5, "max_failures": 1},
     })  # fmt: skip
-    with pytest.raises(TrainingError, match=r"failed after 1 restarts: worker 0: \w+Error"):
+    with pytest.raises(TrainingError, match=r"failed after 1 restarts: worker 0: WeightsError: .*resnet18.pt cannot be loaded"):
         train(config)
+
+
+@pytest.mark.timeout(300)
+def test_a_failed_training_job_exits_1_and_ends_with_the_workers_error_on_one_line(tmp_path, split_manifest_path):
+    weights = tmp_path / "resnet18.pt"
+    weights.write_bytes(b"not a state dict")
+    overrides = [f"storage={tmp_path / 'runs'}", f"data.manifest={split_manifest_path}", "data.image_size=32",
+                 f"model.weights={weights}", "train.workers=1", "train.cpus_per_worker=0.5", "train.epochs=1"]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray, as a user's first run
+    done = subprocess.run([sys.executable, "jobs/train.py", *(a for o in overrides for a in ("--set", o))],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=280)  # fmt: skip
+    assert done.returncode == 1, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("medray train: training run") and "worker 0: WeightsError:" in last, last

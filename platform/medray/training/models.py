@@ -131,7 +131,10 @@ def load_state_dict(uri: str, sha256: str | None = None) -> dict[str, torch.Tens
     data = storage.read_bytes(uri)
     if sha256 and hashlib.sha256(data).hexdigest() != sha256.lower():
         raise WeightsError(f"{uri}: sha256 does not match model.weights_sha256")
-    state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 — whatever torch makes of a file that is not a state dict
+        raise WeightsError(f"{uri} cannot be loaded as PyTorch weights ({type(err).__name__}): a truncated download or another format?") from None
     return state.get("model", state) if isinstance(state, dict) else state
 
 

@@ -365,7 +365,8 @@ def _failure(err: ray.train.TrainingFailedError) -> str:
     lines = []
     for rank, error in sorted(failures.items()):
         cause = getattr(error, "cause", None) or error  # Ray wraps the worker's exception
-        lines.append(f"worker {rank}: {type(cause).__name__}: {str(cause).strip().splitlines()[-1] if str(cause).strip() else ''}")
+        message = str(cause).strip().splitlines()
+        lines.append(f"worker {rank}: {type(cause).__name__}: {message[0] if message else ''}")
     return "; ".join(lines)
 
 

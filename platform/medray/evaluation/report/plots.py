@@ -9,8 +9,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import precision_recall_curve, roc_curve
 
-from medray.io.figures import plt
-from medray.io.figures import png
+from medray.io.figures import plt, png
 
 
 def roc_curves(targets: np.ndarray, probs: np.ndarray, table: pd.DataFrame) -> bytes:
@@ -141,7 +140,7 @@ def gallery(tiles: list[tuple[str, bytes]], columns: int = 6) -> bytes:
     fig, axes = plt.subplots(rows, columns, figsize=(2.1 * columns, 2.4 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, (caption, png) in zip(axes.flat, tiles):
-        ax.imshow(np.asarray(Image.open(io.BytesIO(png))))
+    for ax, (caption, tile) in zip(axes.flat, tiles):
+        ax.imshow(np.asarray(Image.open(io.BytesIO(tile))))
         ax.set_title(caption, fontsize=7)
     return png(fig)
