@@ -18,6 +18,8 @@ from sklearn.metrics import (
     roc_curve,
 )
 
+from medray.config import ConfigError
+
 # The per-epoch validation metrics of training, re-exported: evaluation reports the same numbers.
 from medray.training.validation import auroc, auroc_per_label, known, sensitivity_at_specificity  # noqa: F401
 
@@ -86,7 +88,7 @@ def check_prevalence(labels: list[str], deployment_prevalence: dict[str, float])
     """A prevalence for a label the model lacks is a typo or the wrong model: an error, never ignored."""
     unknown = sorted(set(deployment_prevalence) - set(labels))
     if unknown:
-        raise ValueError(f"evaluate.deployment_prevalence names label(s) {unknown} that the model does not have; "
+        raise ConfigError(f"evaluate.deployment_prevalence names label(s) {unknown} that the model does not have; "
                          f"its labels: {labels}")  # fmt: skip
 
 

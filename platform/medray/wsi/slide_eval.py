@@ -21,7 +21,7 @@ from PIL import Image
 from medray.config import JobConfig
 from medray.data import splits
 from medray.data.patches import patch_labels, shard_uris
-from medray.evaluation.metrics import auroc, label_table
+from medray.evaluation.metrics import auroc, check_prevalence, label_table
 from medray.evaluation.predict import predict, prob_columns
 from medray.evaluation.report import Figure, Section, plots, write_report
 from medray.io import storage
@@ -123,7 +123,9 @@ def evaluate_slides(config: JobConfig):
     held = held[held[probs[0]].notna()]
     val, test = held[held["split"] == "val"], held[held["split"] == "test"]
     val_y, val_p, test_y, test_p = (f[c].to_numpy(dtype=float) for f in (val, test) for c in (labels, probs))
-    table = label_table(labels, val_y, val_p, test_y, test_p)
+    e = config.evaluate
+    check_prevalence(labels, e.deployment_prevalence)
+    table = label_table(labels, val_y, val_p, test_y, test_p, e.threshold, e.threshold_target, e.deployment_prevalence)
 
     out_dir = storage.join(config.run_dir, "slide_evaluation")
     _write_parquet(
@@ -144,6 +146,11 @@ def evaluate_slides(config: JobConfig):
         notes.append(
             f"Patch-level test AUROC for {label}, each patch given its slide's label: {auroc(test_patches[label], test_patches[f'prob_{label}']):.3f}."
         )
+    notes.append(
+        f"Thresholds chosen on the validation slides by {e.threshold}"
+        + (f" (target {e.threshold_target})" if e.threshold != "youden" else "")
+        + ". Calibration and subgroups are not computed per slide: the pooled slide scores are not probabilities."
+    )
     if len(unscored):
         notes.append(f"{len(unscored)} held-out slides have no patches (no tissue found, or unreadable) and are not in these metrics.")
     table = with_intervals(table, test.reset_index(), labels, config.evaluate.bootstrap, config.evaluate.seed)
