@@ -231,6 +231,7 @@ def audit(manifest_uri: str, out: str, max_distance: int = 12, thumbnail_pairs: 
     storage.write_bytes(paths["near_duplicates.parquet"], buffer.getvalue())
     storage.write_text(paths["audit.json"], json.dumps(result, indent=2))
     storage.write_text(paths["audit.md"], _markdown(result, manifest_uri, max_distance))
-    for c in checks:
-        (log.info if c["passed"] else log.error)("audit %s: %s (%s)", c["name"], c["status"], c["count"])
+    # One line for the whole audit; the callers print the checks, audit.md keeps them.
+    failed = ", ".join(f"{c['name']} ({c['count']})" for c in checks if not c["passed"])
+    (log.error if failed else log.info)("leakage audit %s → %s", f"FAILED: {failed}" if failed else "passed", paths["audit.md"])
     return Audit(passed, checks, table.drop(columns=["i", "j"]), paths)
