@@ -325,7 +325,9 @@ def _add_verb(parser: argparse.ArgumentParser, command: Command) -> None:
 def _parser() -> argparse.ArgumentParser:
     from medray import __version__
 
-    parser = argparse.ArgumentParser(prog="medray", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="medray", description="Distributed training, evaluation and batch scoring of medical image classifiers on Ray."
+    )
     parser.add_argument("--version", action="version", version=f"medray {__version__}")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for verb, command in COMMANDS.items():

@@ -35,6 +35,7 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from medray.config import JobConfig
+from medray.errors import MedrayError
 from medray.evaluation.calibration import load_temperature
 from medray.evaluation.predict import predict
 from medray.io import storage
@@ -45,8 +46,8 @@ COMMITTED, LISTING, SUMMARY, GRADCAM = "_committed", "_listing.json", "_summary.
 MANIFEST_SUFFIXES = (".parquet", ".csv")
 
 
-class ScoreError(RuntimeError):
-    pass
+class ScoreError(MedrayError, RuntimeError):
+    """An output that cannot be completed as asked (another model's scores, a changed listing): one line."""
 
 
 @dataclass

@@ -95,7 +95,7 @@ def ingest_medmnist(
         bad = np.isnan(targets).all(axis=1) if task not in ("multi-label", "binary") else np.isnan(targets).any(axis=1)
         for i in np.flatnonzero(bad):
             rejects.add(uris[i], f"unknown label value in {split}_labels (not a class of this {task} task)")
-        for i in tqdm(np.flatnonzero(~bad), desc=f"writing {split} PNGs", unit="img", disable=len(pixels) < 1000):
+        for i in tqdm(np.flatnonzero(~bad), desc=f"writing {split} PNGs", unit="img", disable=None if len(pixels) >= 1000 else True):  # bars on a terminal only
             storage.write_bytes(uris[i], _png(pixels[i]))
         keep = ~bad
         frame = pd.DataFrame(targets[keep], columns=names)
