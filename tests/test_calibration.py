@@ -15,7 +15,7 @@ from medray.evaluation.calibration import (
     reliability,
     save_temperature,
 )
-from medray.evaluation.predict import Predictor
+from medray.evaluation.predict import Predictor, decode_batch
 from medray.training import checkpoint
 from medray.training.models import build_model
 
@@ -76,14 +76,16 @@ def test_calibration_json_lives_in_the_checkpoint_and_the_predictor_applies_it(t
     from PIL import Image
 
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 40), dtype=np.uint8)).save(tmp_path / "x.png")
-    batch = {"image": np.array([str(tmp_path / "x.png")])}
-    raw = Predictor(str(tmp_path))(batch)
+    def batch():  # decoded as predict's Ray Data tasks decode, for the model's actor
+        return decode_batch({"image": np.array([str(tmp_path / "x.png")])}, 32, 1)
+
+    raw = Predictor(str(tmp_path))(batch())
     assert load_temperature(str(tmp_path)) is None
 
     save_temperature(str(tmp_path), [2.0, 0.5])
     assert json.loads((tmp_path / "calibration.json").read_text()) == {"temperature": [2.0, 0.5]}
-    scaled = Predictor(str(tmp_path))(batch)
-    uncalibrated = Predictor(str(tmp_path), calibrated=False)(batch)
+    scaled = Predictor(str(tmp_path))(batch())
+    uncalibrated = Predictor(str(tmp_path), calibrated=False)(batch())
     for label, t in (("A", 2.0), ("B", 0.5)):
         logit = np.log(raw[f"prob_{label}"] / (1 - raw[f"prob_{label}"]))
         assert scaled[f"prob_{label}"] == pytest.approx(1 / (1 + np.exp(-logit / t)), abs=1e-5)

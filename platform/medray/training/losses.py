@@ -148,8 +148,10 @@ def make_loss(
 
 
 def probabilities(task: str, logits: torch.Tensor) -> torch.Tensor:
-    """Model outputs → one probability per label column (per class for single-label tasks)."""
-    logits = logits.float()
+    """Model outputs → one probability per label column (per class for single-label tasks).
+    Half-precision outputs (autocast) are computed in float32; float64 (calibration) keeps its precision."""
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
     if task == "multi-class":
         return torch.softmax(logits, dim=1)
     if task == "ordinal":
