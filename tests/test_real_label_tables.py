@@ -102,11 +102,12 @@ def test_a_declared_encoding_reads_utf16_without_a_bom_which_is_otherwise_a_one_
     assert read_manifest(result.manifest).frame["site"].tolist() == ["Zürich", "Genève"]
 
 
-def test_the_command_line_ends_an_unreadable_table_in_one_line_naming_it_not_a_traceback(tmp_path, ray_session):
+def test_the_command_line_ends_an_unreadable_table_in_one_line_naming_it_not_a_traceback(tmp_path, ray_session, capsys):
     uri = write_table(tmp_path, lambda t: t.encode("utf-16-le"))
     with pytest.raises(SystemExit) as exit_:
         main(["ingest", uri, str(tmp_path / "m.parquet"), "--format", "csv", "--set", "ingest.columns.labels=[Finding]"])
-    assert str(exit_.value.code).startswith(f"medray ingest: {uri}: holds NUL bytes") and "\n" not in str(exit_.value.code)
+    error = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and error.startswith(f"medray ingest: {uri}: holds NUL bytes") and "\n" not in error
 
 
 def test_a_declared_encoding_that_does_not_fit_the_file_names_it_and_the_file(tmp_path):

@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-REGION_OF = "from medray import storage; {configure}print(storage.filesystem('s3://bucket/key')[0].region)"
+REGION_OF = "from medray.io import storage; {configure}print(storage.filesystem('s3://bucket/key')[0].region)"
 
 
 def region(tmp_path, configure: str = "") -> str:
