@@ -107,3 +107,5 @@ def test_a_failed_training_job_exits_1_and_ends_with_the_workers_error_on_one_li
     assert done.returncode == 1, done.stderr[-2000:]
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("medray train: training run") and "worker 0: WeightsError:" in last, last
+    # Ray's actors keep their notices and tracebacks in their log files: none reach the user's console.
+    assert not [line for line in done.stdout.splitlines() + done.stderr.splitlines() if " pid=" in line], done.stderr[-2000:]

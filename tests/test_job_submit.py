@@ -109,6 +109,8 @@ def test_train_job_runs_through_ray_job_submit(cluster, split_manifest_path, tmp
     assert head.poll() is None, "the Ray head stopped:\n" + log.read_text()[-3000:]
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "succeeded" in done.stdout
+    # The epoch's line reaches the job's log once, from the driver; the workers' own output stays in their log files.
+    assert done.stdout.count("epoch 1/1: loss") == 1 and "(RayTrainWorker pid=" not in done.stdout, done.stdout[-3000:]
     best = json.loads((storage / "submitted" / "best_checkpoint.json").read_text())
     assert Path(best["checkpoint"], "model.pt").exists()
     assert (storage / "submitted" / "train.config.yaml").exists()

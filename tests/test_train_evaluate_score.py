@@ -50,14 +50,17 @@ def test_validation_metrics_cover_the_whole_val_split_gathered_from_all_workers(
     assert 0 <= result.metrics["val_auroc_mean"] <= 1
 
 
-def test_resubmitting_a_run_resumes_from_its_last_checkpoint(run, split_manifest_path, tmp_path):
+def test_resubmitting_a_run_resumes_from_its_last_checkpoint(run, split_manifest_path, tmp_path, caplog):
     shared, _ = run
     storage = tmp_path / "runs"  # a copy to resume: the module's run stays as the other tests expect it
     shutil.copytree(shared.storage, storage)
     config = job(storage, split_manifest_path, epochs=2)
     first = f"{config.run_dir}/train/epoch_001/model.pt"
     before = open(first, "rb").read()
-    result = train(config)
+    with caplog.at_level("INFO", logger="medray.training"):
+        result = train(config)
+    # The driver shows rank 0's line for the one epoch trained, relayed from the worker as it ended.
+    assert [r.getMessage()[:12] for r in caplog.records if r.name == "medray.training"] == ["epoch 2/2: l"]
     meta = json.loads(open(f"{config.run_dir}/train/epoch_002/meta.json").read())
     assert meta["epoch"] == 1
     assert open(first, "rb").read() == before, "epoch 0 was trained again instead of resumed"

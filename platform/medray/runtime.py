@@ -35,11 +35,13 @@ def init_ray() -> None:
     import ray.data
 
     if not ray.is_initialized():
-        # Workers' output still reaches the driver (log_to_driver): the training loop prints its epochs there.
+        _drop_notices()
+        # Workers' output stays in their log files: Ray's actors print notices there that nobody running a job
+        # needs (errors come back as exceptions). The training loop sends its epoch lines through a queue.
         if os.environ.get("RAY_ADDRESS"):  # set by `ray job submit`, or by the user for a running cluster
-            ray.init(logging_level=logging.WARNING)
+            ray.init(logging_level=logging.WARNING, log_to_driver=False)
         else:  # a local Ray of its own, never whatever cluster last ran on this machine
-            ray.init(address="local", logging_level=logging.WARNING, runtime_env={"env_vars": _quiet_ray_data()})
+            ray.init(address="local", logging_level=logging.WARNING, log_to_driver=False, runtime_env={"env_vars": _quiet_ray_data()})
     # Redrawn bars are hundreds of lines in a log file or a pipe; the datasets built from here on (and the
     # actors that run them, such as Ray Train's split coordinator) take this context with them.
     ray.data.DataContext.get_current().enable_progress_bars = _terminal()
@@ -47,6 +49,30 @@ def init_ray() -> None:
     for handler in logging.getLogger("ray.data").handlers:
         if not isinstance(handler, logging.FileHandler):
             handler.setLevel(logging.WARNING)
+
+
+class _Notice(logging.Filter):
+    """Drops one of Ray's informational notices (matched by its start), keeping every other record."""
+
+    def __init__(self, start: str):
+        super().__init__()
+        self.start = start
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.start)
+
+
+def _drop_notices() -> None:
+    """Two notices Ray prints on every start: that token authentication is on (the safe default; the warning
+    that it is *off* still shows) and that Ray Data's progress bars are off (medray's choice, off a terminal)."""
+    notices = {
+        "ray._private.authentication.authentication_token_setup": "Token authentication is enabled",
+        "ray.data._internal.progress": "Progress bars disabled",
+    }
+    for name, start in notices.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _Notice) for f in logger.filters):
+            logger.addFilter(_Notice(start))
 
 
 def _terminal() -> bool:

@@ -22,7 +22,6 @@ import json
 import logging
 import os
 import socket
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -47,6 +46,7 @@ from medray.training import checkpoint, freezing, recipe, tracking
 from medray.training.augment import Augment
 from medray.training.losses import head_size, make_loss, probabilities
 from medray.training.models import build_model, to_input
+from medray.training.progress import EpochLines, say
 from medray.training.validation import auroc_per_label, sensitivity_at_specificity
 
 log = logging.getLogger(__name__)
@@ -148,12 +148,6 @@ def _quiet_console() -> None:
             handler.setLevel(logging.WARNING)
 
 
-def _progress(line: str) -> None:
-    # Ray Train's patched print() writes twice when stdout is wrapped, as it is in Ray workers.
-    sys.__stdout__.write(line + "\n")
-    sys.__stdout__.flush()
-
-
 def _record_worker(run_dir: str, rank: int, epoch: int, first_epoch: int) -> None:
     """``<run>/workers/rank<r>-pid<p>.json``: which process runs which epoch, so an operator (or a test)
     can see restarts and which epoch a restarted worker group resumed from."""
@@ -252,9 +246,9 @@ def _worker_loop(cfg: dict) -> None:
                 checkpoint.save(directory, state, meta)
                 saved = ray.train.Checkpoint.from_directory(directory)
                 aurocs = ", ".join(f"{k} {v:.3f}" for k, v in per_label.items())
-                _progress(f"epoch {epoch + 1}/{t.epochs}: loss {metrics['train_loss']:.4f}, val AUROC {metrics[SCORE]:.3f} ({aurocs})")
+                say(cfg["lines"], f"epoch {epoch + 1}/{t.epochs}: loss {metrics['train_loss']:.4f}, val AUROC {metrics[SCORE]:.3f} ({aurocs})")
                 if stop:
-                    _progress(f"early stop: val AUROC has not improved for {t.patience} epochs (best {run.stop.best:.3f})")
+                    say(cfg["lines"], f"early stop: val AUROC has not improved for {t.patience} epochs (best {run.stop.best:.3f})")
             # Named as the logs count epochs: epoch_001 holds the first.
             ray.train.report(metrics, checkpoint=saved, checkpoint_dir_name=f"epoch_{epoch + 1:03d}")
         if tracker:
@@ -294,18 +288,19 @@ def shuffled(ds: ray.data.Dataset, how: str, seed: int) -> ray.data.Dataset:
 
 def make_trainer(
     config: JobConfig, train_ds: ray.data.Dataset, val_ds: ray.data.Dataset, labels: list[str], task: str, loss,
-    callbacks: list | None = None, resample: bool = False,
+    callbacks: list | None = None, resample: bool = False, lines=None,
 ) -> TorchTrainer:
     """The ``TorchTrainer`` that trains ``config``'s model on uint8 image batches (``image``, ``labels``,
     ``unreadable``) from ``train_ds`` and validates on ``val_ds``: images and slide patches alike.
-    ``resample``: the training rows carry sampling multiplicities, drawn anew every epoch."""
+    ``resample``: the training rows carry sampling multiplicities, drawn anew every epoch; ``lines``: the
+    queue of an ``EpochLines`` that shows rank 0's epoch lines on the driver."""
     if config.data.cache_decoded:
         train_ds, val_ds = train_ds.materialize(), val_ds.materialize()
     if resample:
         train_ds = resampled(train_ds)
     return TorchTrainer(
         _worker_loop,
-        train_loop_config={"config": config.model_dump(mode="json"), "labels": labels, "task": task, "loss": loss},
+        train_loop_config={"config": config.model_dump(mode="json"), "labels": labels, "task": task, "loss": loss, "lines": lines},
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.train.workers,
             use_gpu=config.train.use_gpu,
@@ -316,7 +311,7 @@ def make_trainer(
     )
 
 
-def build_trainer(config: JobConfig, callbacks: list | None = None) -> TorchTrainer:
+def build_trainer(config: JobConfig, callbacks: list | None = None, lines=None) -> TorchTrainer:
     """The run's ``TorchTrainer``, its datasets decoded; ``callbacks`` let a Tune trial hear its reports."""
     manifest = read_manifest(config.manifest)
     if config.data.fold is not None:
@@ -334,10 +329,10 @@ def build_trainer(config: JobConfig, callbacks: list | None = None) -> TorchTrai
     source = {"manifest_uri": config.manifest, "size": d.image_size, "channels": channels, "cache_uri": d.cache, "use_cache": d.use_cache}
     train_ds = training_data(manifest, "train", multiplicity=draws, **source)
     val_ds = training_data(manifest, "val", **source)
-    return make_trainer(config, train_ds, val_ds, labels, manifest.task, loss, callbacks, resample=draws is not None)
+    return make_trainer(config, train_ds, val_ds, labels, manifest.task, loss, callbacks, resample=draws is not None, lines=lines)
 
 
-def build_patch_trainer(config: JobConfig, callbacks: list | None = None) -> TorchTrainer:
+def build_patch_trainer(config: JobConfig, callbacks: list | None = None, lines=None) -> TorchTrainer:
     """The same trainer over whole-slide patches: the shards in ``config.wsi.patches`` (medray.data.patches)."""
     patches = config.wsi.patches
     labels = patch_labels(patches)
@@ -349,7 +344,7 @@ def build_patch_trainer(config: JobConfig, callbacks: list | None = None) -> Tor
     log.info("training on %d patches, validating on %d", len(train_targets), int((frame["split"] == "val").sum()))
     size, channels = config.data.image_size, config.model.in_channels
     train_ds, val_ds = (patch_dataset(patches, split, labels, size, channels) for split in ("train", "val"))
-    return make_trainer(config, train_ds, val_ds, labels, "multi-label", loss, callbacks)
+    return make_trainer(config, train_ds, val_ds, labels, "multi-label", loss, callbacks, lines=lines)
 
 
 def _loss(config: JobConfig, task: str, train_targets: np.ndarray):
@@ -375,7 +370,8 @@ def train(config: JobConfig, callbacks: list | None = None) -> TrainResult:
     tracking.check(config.tracking)
     build = build_patch_trainer if config.wsi.patches else build_trainer
     try:
-        result = build(config, callbacks).fit()
+        with EpochLines() as lines:
+            result = build(config, callbacks, lines.queue).fit()
     except ray.train.TrainingFailedError as err:
         raise TrainingError(f"training run {config.run_dir} failed after {config.train.max_failures} restarts: {_failure(err)}") from err
     best = result.get_best_checkpoint(SCORE, "max")
