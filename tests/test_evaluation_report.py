@@ -57,8 +57,12 @@ def test_metrics_json_holds_each_label_with_patient_intervals_prevalence_and_cal
     mass = metrics["labels"]["Mass"]
     assert mass["deployment_prevalence"] == 0.02
     assert mass["deployment_ppv"] == pytest.approx(predictive_values(mass["sensitivity"], mass["specificity"], 0.02)[0])
-    temperature = json.loads(Path(metrics["calibration"]["file"]).read_text())["temperature"]
-    assert len(temperature) == len(labels) and all(t > 0 for t in temperature)
+    outputs = json.loads(Path(metrics["calibration"]["file"]).read_text())["outputs"]
+    assert len(outputs) == len(labels) and {o["method"] for o in outputs} <= {"none", "prior", "platt", "isotonic"}
+    for label in labels:  # calibration never worsens val ECE, and the report says which map each label kept
+        per_label = metrics["calibration"]["per_label"][label]
+        assert per_label["val_ece_after"] <= per_label["val_ece_before"] and per_label["method"] in {o["method"] for o in outputs}
+    assert all(isinstance(row["positive_patients"], (int, float)) and isinstance(row["val_separated"], bool) for row in metrics["labels"].values())
     assert metrics["audit"]["passed"] is False
     assert set(metrics["agreement"]) == set(labels)
     assert {"sex", "age band", "view"} <= {row["dimension"] for row in metrics["subgroups"]}
@@ -98,7 +102,7 @@ def test_the_html_report_renders_in_chromium_with_every_section(evaluated, tmp_p
     for anchor in SECTIONS:
         assert f'<section id="{anchor}">' in dom, f"section {anchor} missing from the rendered report"
     for text in ("Leakage audit FAILED", "patient overlap", "Fleiss", "Intended use", "Training data", "Evaluation data",
-                 "Subgroup caveats", "Limitations", "PPV (deployment)", "after temperature scaling"):  # fmt: skip
+                 "Subgroup caveats", "Limitations", "PPV (deployment)", "after the calibration chosen on val"):  # fmt: skip
         assert text in dom, text
     for figure in ("ROC curves", "Precision-recall curves", "Reliability diagrams", "Subgroup AUROC", "Error gallery"):
         assert f'<img alt="{figure}' in dom, f"figure {figure} missing"

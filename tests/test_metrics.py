@@ -92,7 +92,7 @@ def test_ordinal_summary_gives_accuracy_macro_auroc_and_quadratic_weighted_kappa
 
 
 def test_binary_accuracy_is_reported_at_0_5_as_benchmarks_do_and_at_the_val_threshold():
-    val_y, val_p = np.array([0, 0, 1, 1]), np.array([0.1, 0.2, 0.3, 0.4])  # Youden on val: 0.3
+    val_y, val_p = np.array([0, 0, 1, 1, 0]), np.array([0.1, 0.2, 0.3, 0.4, 0.35])  # Youden on val: 0.3 (J = 1 − 1/3)
     table = label_table(["A"], val_y[:, None], val_p[:, None], Y[:, None].astype(float), P[:, None])
     assert table.loc["A", "threshold"] == pytest.approx(0.3)
     assert table.loc["A", "accuracy"] == pytest.approx(7 / 10)  # at 0.3: 0.3, 0.35 and 0.6 are false positives
@@ -133,3 +133,21 @@ def test_a_threshold_near_1_is_shown_with_the_decimals_that_keep_it_below_1():
     from medray.evaluation.report.sections import threshold_text
 
     assert [threshold_text(t) for t in (0.5, 0.99994, 0.0000312, 1.0, 0.9991)] == ["0.500", "0.99994", "0.00003", "1.000", "0.9991"]
+
+
+@pytest.mark.parametrize("rule", ["youden", "sensitivity", "specificity"])
+def test_when_val_separates_a_label_perfectly_the_threshold_sits_mid_gap_in_logit_space(rule):
+    # The highest negative scores 0.5 (logit 0), the lowest positive 0.9 (logit log 9): the middle is logit
+    # log(9)/2, probability 3/4 — not 0.9, where the next positive just below it would be missed.
+    y, p = np.array([0, 0, 0, 1, 1, 1]), np.array([0.1, 0.3, 0.5, 0.9, 0.95, 0.99])
+    assert choose_threshold(y, p, rule, 0.9) == pytest.approx(0.75)
+    table = label_table(["A"], y[:, None].astype(float), p[:, None], y[:, None].astype(float), p[:, None], rule)
+    assert bool(table.loc["A", "val_separated"]) and not bool(label_table(["A"], Y[:, None], P[:, None], Y[:, None], P[:, None]).loc["A", "val_separated"])
+
+
+def test_the_report_warns_beside_a_label_whose_intervals_rest_on_fewer_than_10_positive_patients():
+    from medray.evaluation.report.sections import caution
+
+    assert "only 6 positive test patients" in caution({"positive_patients": 6, "val_separated": False})
+    assert caution({"positive_patients": 10, "val_separated": False}) == ""
+    assert "separated this label perfectly" in caution({"positive_patients": 40, "val_separated": True})

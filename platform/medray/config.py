@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 
 import yaml
 from pydantic import (
+    AliasChoices,
     AfterValidator,
     BaseModel,
     ConfigDict,
@@ -156,7 +157,11 @@ class EvaluateConfig(_Section):
         default_factory=dict, description="per label: the prevalence where the model will be used, for PPV/NPV"
     )
     calibration_bins: int = Field(10, ge=2, le=100)
-    temperature_scaling: bool = Field(True, description="fit temperatures on val, write calibration.json to the checkpoint")
+    calibrate: bool = Field(
+        True,
+        validation_alias=AliasChoices("calibrate", "temperature_scaling"),  # its name before Platt and isotonic maps
+        description="fit a calibration on val (prior correction, Platt or isotonic: the lowest val ECE), write calibration.json to the checkpoint",
+    )
     subgroup_min_cases: int = Field(10, ge=1, description="subgroups with fewer positives or negatives are marked small")
     gallery: int = Field(3, ge=0, description="top false positives and false negatives per label, with Grad-CAM")
     intended_use: str | None = Field(

@@ -63,7 +63,7 @@ def run_demo(config: JobConfig) -> None:
     result = train(config)
     print(f"best checkpoint: {result.best_checkpoint} (val mean AUROC {result.metrics['val_auroc_mean']:.3f})")
 
-    _step("5/6 evaluate on the test split (temperatures fitted on val go into the checkpoint)")
+    _step("5/6 evaluate on the test split (the calibration fitted on val goes into the checkpoint)")
     evaluation = evaluate(config)
 
     _step("6/6 score the image archive (Ray Data), calibrated")
@@ -77,6 +77,7 @@ def run_demo(config: JobConfig) -> None:
         "AUROC (95% CI)": [f"{a:.3f} ({lo:.3f}-{hi:.3f})" for a, lo, hi in zip(t["auroc"], t["auroc_lo"], t["auroc_hi"])],
         "sensitivity": t["sensitivity"], "specificity": t["specificity"],
         "ECE before": c["ece_before"], "ECE after": c.get("ece_after", c["ece_before"]),
+        "calibration": c.get("method", "off"),
     })  # fmt: skip
     print(shown.round(3).to_string())
     flagged = evaluation.subgroups[evaluation.subgroups["below_overall"]] if len(evaluation.subgroups) else []

@@ -1,8 +1,8 @@
-"""Evaluation on the held-out test split, with thresholds and temperatures chosen on the validation split.
+"""Evaluation on the held-out test split, with thresholds and calibration chosen on the validation split.
 
 What it computes, each in its own module: per-label metrics with patient-bootstrap intervals
-(``metrics``, ``intervals``), PPV/NPV at deployment prevalence, calibration before and after
-temperature scaling (``calibration``), subgroups (``subgroups``), rater agreement and the metrics on
+(``metrics``, ``intervals``), PPV/NPV at deployment prevalence, calibration before and after the
+calibration fitted on val (``calibration``), subgroups (``subgroups``), rater agreement and the metrics on
 unanimous cases (``labels``), and an error gallery with Grad-CAM (``explain``). ``report.sections``
 turns the result into the report and model card.
 """
@@ -49,8 +49,10 @@ class Evaluation:
 
 
 def with_intervals(table: pd.DataFrame, test: pd.DataFrame, labels: list[str], resamples: int, seed: int) -> pd.DataFrame:
+    """The table with 95 % patient-bootstrap intervals, and how many positive patients each rests on."""
     table = table.copy()
     for label in labels:
+        table.loc[label, "positive_patients"] = test.loc[test[label] == 1, "patient_id"].nunique()
         ci = intervals.bootstrap_intervals(
             test[label], test[f"prob_{label}"], test["patient_id"], table.loc[label, "threshold"], resamples, seed
         )
@@ -59,19 +61,23 @@ def with_intervals(table: pd.DataFrame, test: pd.DataFrame, labels: list[str], r
     return table
 
 
-def calibration_table(task: str, labels, val_y, val_p, test_y, test_p, bins: int, fit: bool) -> tuple[pd.DataFrame, np.ndarray, list]:
-    """ECE per label on test before (and after) temperature scaling fitted on val."""
-    temperature = calibration.fit_temperature(task, val_p, val_y) if fit else None
-    calibrated = calibration.calibrate(task, test_p, temperature) if fit else test_p
+def calibration_table(task: str, labels, val, test, fit: bool, prior_shift, bins: int) -> tuple[pd.DataFrame, np.ndarray, calibration.Calibration | None]:
+    """ECE per label on test before (and after) the calibration fitted on val (``val``/``test``: (targets,
+    probabilities, patients)); the method each label kept and its out-of-fold val ECE."""
+    (val_y, val_p, val_groups), (test_y, test_p, _) = val, test
+    fitted, scores = calibration.fit(task, val_p, val_y, val_groups, prior_shift, bins) if fit else (None, None)
+    calibrated = fitted.apply(test_p) if fitted else test_p
     rows_ = []
     for i, label in enumerate(labels):
         row = {"label": label, "ece_before": calibration.expected_calibration_error(test_y[:, i], test_p[:, i], bins)}
-        if fit:
+        if fitted:
             row["ece_after"] = calibration.expected_calibration_error(test_y[:, i], calibrated[:, i], bins)
-            if task == "multi-label":
-                row["temperature"] = temperature[i]
+            if task != "ordinal":  # ordinal outputs are "grade > k", not one per label
+                row["method"] = fitted.methods[i]
+                row["val_ece_before"] = scores[i].get("none", {}).get("ece", float("nan"))
+                row["val_ece_after"] = scores[i].get(fitted.methods[i], {}).get("ece", float("nan"))
         rows_.append(row)
-    return pd.DataFrame(rows_).set_index("label"), calibrated, temperature
+    return pd.DataFrame(rows_).set_index("label"), calibrated, fitted
 
 
 UNANIMOUS_COLUMNS = ["positives", "auroc", "auroc_lo", "auroc_hi", "sensitivity", "specificity"]
@@ -146,7 +152,7 @@ def evaluate(config: JobConfig) -> Evaluation:
     frame = manifest.frame
     columns = ["image", "split", *labels, *(c for c in frame if c in METADATA or c.startswith(VOTE_PREFIXES))]
     held_out = frame[frame["split"].isin(["val", "test"])][columns]
-    # Raw outputs: temperatures are fitted here, so an existing calibration.json must not be applied first.
+    # Raw outputs: calibration is fitted here, so an existing calibration.json must not be applied first.
     scored = predict(rows(held_out), checkpoint_uri, e.batch_size, calibrated=False).to_pandas()
 
     failed = scored[scored["error"] != ""]
@@ -158,9 +164,12 @@ def evaluate(config: JobConfig) -> Evaluation:
     table = label_table(labels, val_y, val_p, test_y, test_p, e.threshold, e.threshold_target, e.deployment_prevalence)
     table = with_intervals(table, test, labels, e.bootstrap, e.seed)
     summary = single_label_summary(task, test_y, test_p) if task != "multi-label" else {}
-    calib, calibrated, temperature = calibration_table(task, labels, val_y, val_p, test_y, test_p, e.calibration_bins, e.temperature_scaling)
-    if temperature is not None:
-        calib.attrs["file"] = calibration.save_temperature(checkpoint_uri, temperature)
+    shift = checkpoint.read_meta(checkpoint_uri).get("prior_shift")  # absent from checkpoints before it was recorded
+    calib, calibrated, fitted = calibration_table(
+        task, labels, (val_y, val_p, val["patient_id"].to_numpy()), (test_y, test_p, None), e.calibrate, shift, e.calibration_bins
+    )
+    if fitted is not None:
+        calib.attrs["file"] = calibration.save(checkpoint_uri, fitted)
     subgroups = subgroup_table(test, labels, probs, table, e.bootstrap, e.seed, e.subgroup_min_cases)
     agreement = agreement_summary(test, labels)
     unanimous = unanimous_table(test, labels, table, e.bootstrap, e.seed)

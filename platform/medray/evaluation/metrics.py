@@ -39,13 +39,20 @@ def choose_threshold(y: np.ndarray, p: np.ndarray, rule: str = "youden", target:
     - ``sensitivity``: the highest threshold whose sensitivity is at least ``target``;
     - ``specificity``: the lowest threshold whose specificity is at least ``target``.
 
-    0.5 when ``y`` holds a single class (nothing to choose from).
+    0.5 when ``y`` holds a single class (nothing to choose from). When ``p`` separates the classes
+    perfectly, every rule is met anywhere in the gap between the highest negative and the lowest positive
+    score; the ROC's corner would put the threshold on the lowest positive, where the next positive case
+    falls below it half the time. So the threshold is the middle of the gap, in logit space.
     """
     if rule not in THRESHOLD_RULES:
         raise ValueError(f"unknown threshold rule {rule!r}; known: {', '.join(THRESHOLD_RULES)}")
     y, p = known(y, p)
     if len(np.unique(y)) < 2:
         return 0.5
+    if separates(y, p):
+        low, high = np.clip([p[y == 0].max(), p[y == 1].min()], 1e-12, 1 - 1e-12)
+        middle = (np.log(low / (1 - low)) + np.log(high / (1 - high))) / 2
+        return float(1 / (1 + np.exp(-middle)))
     fpr, tpr, thresholds = roc_curve(y, p, drop_intermediate=False)
     if rule == "youden":
         best = int(np.argmax(tpr - fpr))
@@ -54,6 +61,12 @@ def choose_threshold(y: np.ndarray, p: np.ndarray, rule: str = "youden", target:
     else:
         best = int(np.nonzero(1 - fpr >= target)[0][-1])
     return float(min(thresholds[best], 1.0))
+
+
+def separates(y: np.ndarray, p: np.ndarray) -> bool:
+    """Whether every positive scores above every negative (both classes present, unknowns left out)."""
+    y, p = known(y, p)
+    return bool(len(np.unique(y)) == 2 and p[y == 0].max() < p[y == 1].min())
 
 
 def _ratio(a: float, b: float) -> float:
@@ -122,6 +135,7 @@ def label_table(
             "auroc": auroc(y, p),
             "auprc": auprc(y, p),
             "threshold": threshold,
+            "val_separated": separates(val_y[:, i], val_p[:, i]),
             **at_threshold(y, p, threshold),
             "accuracy_0.5": at_threshold(y, p, 0.5)["accuracy"],
         }

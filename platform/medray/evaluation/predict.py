@@ -12,7 +12,7 @@ import numpy as np
 import ray
 import torch
 
-from medray.evaluation.calibration import load_temperature
+from medray.evaluation import calibration
 from medray.io import images
 from medray.training import checkpoint
 from medray.training.losses import head_size, probabilities
@@ -58,13 +58,8 @@ class Predictor:
         self.model = model.to(self.device, memory_format=torch.channels_last if self.device.type == "cuda" else torch.preserve_format)
         self.labels = self.meta["labels"]
         # The checkpoint's calibration.json (see medray.evaluation.calibration); evaluation reads raw outputs to fit it.
-        self.temperature = None
-        temperature = load_temperature(checkpoint_uri) if calibrated else None
-        if temperature is not None:
-            outputs = head_size(self.meta["task"], len(self.labels))
-            if len(temperature) != outputs:
-                raise checkpoint.CheckpointError(f"{checkpoint_uri}: {len(temperature)} temperatures for {outputs} model outputs")
-            self.temperature = torch.tensor(temperature, dtype=torch.float32, device=self.device)
+        outputs = head_size(self.meta["task"], len(self.labels))
+        self.calibration = calibration.load(checkpoint_uri, self.meta["task"], outputs) if calibrated else None
 
     def __call__(self, batch: dict) -> dict:
         pixels, errors = batch.pop("pixels"), batch["error"]
@@ -75,8 +70,9 @@ class Predictor:
             x = to_input(torch.from_numpy(np.ascontiguousarray(pixels[ok])), self.device)
             with torch.inference_mode(), torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
                 logits = self.model(x).float()
-                if self.temperature is not None:
-                    logits = logits / self.temperature
+            if self.calibration is not None:  # a few numbers per image: on the CPU, where its maps live
+                probs[ok] = self.calibration.from_logits(logits.cpu().numpy())
+            else:
                 probs[ok] = probabilities(self.meta["task"], logits).cpu().numpy()
         batch.update({f"prob_{label}": probs[:, j] for j, label in enumerate(self.labels)})
         batch["model_sha256"] = np.full(n, self.meta["sha256"], dtype=object)  # which model made each score
@@ -98,7 +94,7 @@ def predict(
     Decoding runs in Ray Data tasks on every free CPU, the model in ``actors`` actors (one GPU each
     when the cluster has GPUs, else ``cpus`` CPUs each for torch's threads) taking ``batch_size`` images
     at a time: the model never waits for one actor's own decoding. ``calibrated`` applies the
-    checkpoint's temperatures where it has them."""
+    checkpoint's calibration where it has one."""
     use_gpu = bool(ray.cluster_resources().get("GPU", 0))
     total = ray.cluster_resources().get("CPU", 0)
     if not use_gpu and actors * cpus >= total:

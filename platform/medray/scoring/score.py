@@ -36,7 +36,7 @@ from ray.data.datasource import Datasource, ReadTask
 
 from medray.config import JobConfig
 from medray.errors import MedrayError
-from medray.evaluation.calibration import load_temperature
+from medray.evaluation.calibration import CALIBRATION_FILE
 from medray.evaluation.predict import predict
 from medray.io import storage
 from medray.training import checkpoint
@@ -180,7 +180,7 @@ def score(config: JobConfig) -> ScoreSummary:
     started = time.monotonic()
     checkpoint_uri = checkpoint.resolve(s.checkpoint, config.run_dir)
     model_sha256 = checkpoint.identity(checkpoint_uri)
-    calibrated = load_temperature(checkpoint_uri) is not None
+    calibrated = storage.exists(storage.join(checkpoint_uri, CALIBRATION_FILE))  # the actors load and check it
     # By default one folder per model, so that scoring again after retraining starts afresh while a
     # rerun with the same model resumes.
     output = s.output or storage.join(config.run_dir, "scores", model_sha256[:12])

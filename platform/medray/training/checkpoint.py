@@ -8,8 +8,8 @@ the model (backbone, labels, input size) without the training config. The run di
 ``manifest.json`` is written last and holds the sha256 of every other file. A checkpoint is
 complete only when its manifest is there and every file matches it, so a checkpoint cut short —
 a worker killed while saving, an upload interrupted, files copied in any order — is refused, never
-loaded. An optional ``calibration.json`` (``{"temperature": [T per model output]}``, written by
-evaluation) makes scoring divide the logits by T before the sigmoid or softmax.
+loaded. An optional ``calibration.json`` (a map per model output, written by evaluation: see
+medray.evaluation.calibration) makes scoring calibrate the logits before the sigmoid or softmax.
 """
 
 from __future__ import annotations

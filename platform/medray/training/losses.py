@@ -161,3 +161,17 @@ def probabilities(task: str, logits: torch.Tensor) -> torch.Tensor:
         cumulative = torch.cat([ones, exceeds, zeros], dim=1)
         return cumulative[:, :-1] - cumulative[:, 1:]
     return torch.sigmoid(logits)
+
+
+def prior_shift(loss: nn.Module) -> list[float]:
+    """Per model output, the logit shift a weighted loss teaches the model: log(wp/wn) for sigmoid outputs
+    (weighted BCE is minimised by p/(1 − p) = (wp/wn) · π/(1 − π)) and log(w_c) for softmax classes.
+    Evaluation undoes it before calibrating (medray.evaluation.calibration)."""
+    bce = getattr(loss, "bce", loss)  # OrdinalBCE wraps a WeightedBCE
+
+    def values(weights: torch.Tensor) -> np.ndarray:
+        return weights.detach().cpu().double().numpy()  # the worker's loss lives on its device
+
+    if isinstance(bce, WeightedBCE):
+        return np.log(values(bce.pos_weight) / values(bce.neg_weight)).tolist()
+    return np.log(values(loss.weights)).tolist()

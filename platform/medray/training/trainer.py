@@ -44,7 +44,7 @@ from medray.errors import MedrayError
 from medray.io import storage
 from medray.training import checkpoint, freezing, recipe, tracking
 from medray.training.augment import Augment
-from medray.training.losses import head_size, make_loss, probabilities
+from medray.training.losses import head_size, make_loss, prior_shift, probabilities
 from medray.training.models import build_model, to_input
 from medray.training.progress import EpochLines, say
 from medray.training.validation import auroc_per_label, sensitivity_at_specificity
@@ -242,7 +242,8 @@ def _worker_loop(cfg: dict) -> None:
             if rank == 0:
                 state = run.state(epoch)
                 meta = {"backbone": m.backbone, "labels": labels, "task": task, "in_channels": m.in_channels,
-                        "image_size": config.data.image_size, "epoch": epoch, "metrics": metrics}  # fmt: skip
+                        "image_size": config.data.image_size, "epoch": epoch, "metrics": metrics,
+                        "prior_shift": prior_shift(cfg["loss"])}  # fmt: skip
                 checkpoint.save(directory, state, meta)
                 saved = ray.train.Checkpoint.from_directory(directory)
                 aurocs = ", ".join(f"{k} {v:.3f}" for k, v in per_label.items())

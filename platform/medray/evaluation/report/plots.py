@@ -91,7 +91,7 @@ def pr_curves(targets: np.ndarray, probs: np.ndarray, table: pd.DataFrame) -> by
 
 def reliability_diagrams(curves: dict[str, list[tuple[str, pd.DataFrame, float]]]) -> bytes:
     """Per label, observed positive rate against mean predicted probability per bin, for each
-    variant (before/after temperature scaling); marker area follows the bin's image count."""
+    variant (before/after calibration); marker area follows the bin's image count."""
     fig, axes = _panels(len(curves))
     for ax, (label, variants) in zip(axes, curves.items()):
         ax.plot([0, 1], [0, 1], ls=":", c="grey", lw=1)

@@ -45,10 +45,25 @@ def metrics_shown(table: pd.DataFrame) -> pd.DataFrame:
         shown[name] = [ci(v, lo, hi) for v, lo, hi in zip(table[metric], table[f"{metric}_lo"], table[f"{metric}_hi"])]
     shown["accuracy (0.5)"] = table["accuracy_0.5"]
     shown["threshold (val)"] = table["threshold"].map(threshold_text)
+    shown["caution"] = [caution(row) for _, row in table.iterrows()]
     if table["deployment_prevalence"].notna().any():
         shown["deployment prevalence"] = table["deployment_prevalence"]
         shown["PPV (deployment)"], shown["NPV (deployment)"] = table["deployment_ppv"], table["deployment_npv"]
     return shown
+
+
+SMALL_SAMPLE_PATIENTS = 10
+
+
+def caution(row: pd.Series) -> str:
+    """What a reader must know before trusting a label's row: too few positive patients for the intervals to
+    mean much, or a threshold placed in a gap that val left open."""
+    notes = []
+    if row.get("positive_patients", np.inf) < SMALL_SAMPLE_PATIENTS:
+        notes.append(f"⚠ only {int(row['positive_patients'])} positive test patients: intervals are wide and unstable")
+    if row.get("val_separated", False):
+        notes.append("val separated this label perfectly: threshold set mid-gap (logit space); test may not separate")
+    return "; ".join(notes)
 
 
 def single_label_notes(task: str, weighting: str) -> list[str]:
@@ -153,10 +168,10 @@ def _model_card(config, manifest, result, checkpoint_uri: str, split_summary: pd
     )
     before = result.calibration["ece_before"].mean()
     after = result.calibration["ece_after"].mean() if "ece_after" in result.calibration else None
-    calibration_note = f"Calibration: mean test ECE {before:.3f} before temperature scaling" + (
+    calibration_note = f"Calibration: mean test ECE {before:.3f} before calibration" + (
         "." if after is None else f", {after:.3f} after"
-        + ("." if after <= before else ": the temperatures fitted on val did not carry over to test (a small val "
-           "split, or a label val separates perfectly), so check the reliability diagrams before relying on them."))
+        + ("." if after <= before else ": the calibration fitted on val did not carry over to test (a small val "
+           "split, or a label val separates perfectly), so check the reliability diagrams before relying on it."))
     limitations = [
         f"Test prevalence differs from training: {', '.join(enriched)} enriched in the test split, so its PPV "
         "overstates what a clinic will see." if enriched else "No label's test prevalence is more than twice its training prevalence.",
@@ -185,7 +200,7 @@ def _model_card(config, manifest, result, checkpoint_uri: str, split_summary: pd
         + ", ".join(f"{lab} {row[f'{lab} prevalence']:.1%}" for lab in labels) if row is not None else "unknown",
         Heading("Evaluation data"),
         (f"The test split: {int(split_summary.loc['test', 'patients'])} patients, {int(split_summary.loc['test', 'images'])} "
-        "images, no patient shared with training or validation; thresholds and temperatures were chosen on the "
+        "images, no patient shared with training or validation; thresholds and calibration were chosen on the "
         f"validation split ({int(split_summary.loc['val', 'patients'])} patients)."),
         Heading("Metrics"),
         [f"{lab}: AUROC {ci(table.loc[lab, 'auroc'], table.loc[lab, 'auroc_lo'], table.loc[lab, 'auroc_hi'])}, "
@@ -227,12 +242,14 @@ def build_report(out_dir, config, manifest, result, checkpoint_uri, split_summar
     for i, label in enumerate(labels):
         variants = [("raw", reliability(test_y[:, i], test_p[:, i], e.calibration_bins), result.calibration.loc[label, "ece_before"])]
         if "ece_after" in result.calibration:
-            variants.append(("temperature-scaled", reliability(test_y[:, i], calibrated[:, i], e.calibration_bins),
+            variants.append(("calibrated", reliability(test_y[:, i], calibrated[:, i], e.calibration_bins),
                              expected_calibration_error(test_y[:, i], calibrated[:, i], e.calibration_bins)))  # fmt: skip
         calibration_curves[label] = variants
     calibration_note = (
-        f"Temperatures fitted on the validation split, written to {result.calibration.attrs['file']}; scoring applies them."
-        if "file" in result.calibration.attrs else "Temperature scaling is off (evaluate.temperature_scaling)."
+        "Per label, the map with the lowest out-of-fold ECE on the validation split (folds grouped by patient): none, the "
+        "prior correction that undoes the training's class weights, that plus Platt scaling, or an isotonic map; "
+        f"written to {result.calibration.attrs['file']}; scoring applies it."
+        if "file" in result.calibration.attrs else "Calibration is off (evaluate.calibrate)."
     )
     sections = [
         Section("Summary", "summary", [overview]),
@@ -245,7 +262,7 @@ def build_report(out_dir, config, manifest, result, checkpoint_uri, split_summar
             Figure("pr.png", plots.pr_curves(test_y, test_p, table), "Precision-recall curves; dotted: test prevalence"),
         ]),
         Section("Calibration", "calibration", [
-            "Expected calibration error (ECE) on the test split, before and after temperature scaling.",
+            "Expected calibration error (ECE) on the test split, before and after the calibration chosen on val.",
             result.calibration, calibration_note,
             Figure("reliability.png", plots.reliability_diagrams(calibration_curves), "Reliability diagrams"),
         ]),
