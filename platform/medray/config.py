@@ -13,8 +13,8 @@ from typing import Annotated, Literal
 
 import yaml
 from pydantic import (
-    AliasChoices,
     AfterValidator,
+    AliasChoices,
     BaseModel,
     ConfigDict,
     Field,
