@@ -10,6 +10,7 @@ from medray.data.labels import (
     attach,
     cohen_pairs,
     consensus,
+    dawid_skene,
     fleiss_from_votes,
     fleiss_kappa,
 )
@@ -97,3 +98,59 @@ def test_medray_consensus_writes_the_manifest_with_agreement_columns(tmp_path, c
     assert out.frame["agreement_Nodule"].tolist() == ["tie", "unanimous"]
     printed = capsys.readouterr().out
     assert "fleiss_kappa" in printed and "cohen mean" in printed
+
+
+def simulated_votes(raters: dict[str, tuple[float, float]], images: int = 2000, prevalence: float = 0.2, seed: int = 0):
+    """Votes on ``images`` images from raters with the given (sensitivity, specificity), and the truth."""
+    rng = np.random.default_rng(seed)
+    truth = (rng.random(images) < prevalence).astype(float)
+    rows = []
+    for name, (sensitivity, specificity) in raters.items():
+        p_positive = np.where(truth == 1, sensitivity, 1 - specificity)
+        rows += [(f"{i}.png", name, int(v)) for i, v in enumerate(rng.random(images) < p_positive)]
+    return pd.DataFrame(rows, columns=["Image Index", "Rater", "Mass"]), pd.Series(truth, index=[f"{i}.png" for i in range(images)])
+
+
+def test_dawid_skene_recovers_each_raters_accuracy_and_outvotes_a_careless_majority():
+    # Two careful readers and three careless ones: the majority follows the careless three.
+    raters = {"E1": (0.95, 0.98), "E2": (0.92, 0.97), "C1": (0.6, 0.7), "C2": (0.55, 0.75), "C3": (0.6, 0.72)}
+    votes_, truth = simulated_votes(raters)
+    posterior, estimated = dawid_skene(votes_, "Mass")
+    for name, (sensitivity, specificity) in raters.items():
+        assert estimated.loc[name, "sensitivity"] == pytest.approx(sensitivity, abs=0.05)
+        assert estimated.loc[name, "specificity"] == pytest.approx(specificity, abs=0.03)
+    majority = consensus(votes_, ["Mass"])["Mass"].reindex(truth.index)
+    weighted = consensus(votes_, ["Mass"], method="dawid-skene")
+    assert weighted["posterior_Mass"].reindex(truth.index).to_numpy() == pytest.approx(posterior.reindex(truth.index).to_numpy())
+    right_majority, right_weighted = (majority == truth).mean(), (weighted["Mass"].reindex(truth.index) == truth).mean()
+    assert 1 - right_weighted < (1 - right_majority) / 2  # fewer than half the majority's errors
+
+
+def test_on_the_demo_data_dawid_skene_estimates_the_simulated_raters(tmp_path):
+    from medray.data.demo_data import FINDINGS, RATER_ACCURACY, generate
+
+    generate(str(tmp_path), patients=600, image_size=16)
+    votes_ = pd.read_csv(tmp_path / "rater_votes.csv")
+    for finding in FINDINGS:
+        _, estimated = dawid_skene(votes_, finding)
+        sensitivity, specificity = RATER_ACCURACY[finding]
+        for k, rater in enumerate(["R1", "R2", "R3"]):  # the demo's raters see 4 % less, as much and 4 % more
+            skill = 1 + 0.04 * (k - 1)
+            # Few positives (100–150 images per finding) and three raters: sensitivity is known to ±0.12 here.
+            assert estimated.loc[rater, "sensitivity"] == pytest.approx(min(sensitivity * skill, 0.995), abs=0.12)
+            assert estimated.loc[rater, "specificity"] == pytest.approx(1 - (1 - specificity) / skill, abs=0.015)
+
+
+def test_medray_consensus_with_dawid_skene_writes_posteriors_and_prints_each_raters_accuracy(tmp_path, capsys):
+    from medray.cli import main
+    from medray.data.manifest import read_manifest, write_manifest
+
+    votes_, truth = simulated_votes({"E1": (0.95, 0.98), "C1": (0.6, 0.7), "C2": (0.55, 0.75)}, images=300)
+    frame = pd.DataFrame({"image": [f"/x/{name}" for name in truth.index], "patient_id": [str(i) for i in range(300)], "Mass": 0.0})
+    write_manifest(Manifest(frame, ["Mass"]), str(tmp_path / "m.parquet"))
+    votes_.to_csv(tmp_path / "votes.csv", index=False)
+    main(["consensus", str(tmp_path / "votes.csv"), str(tmp_path / "m.parquet"), str(tmp_path / "out.parquet"), "--method", "dawid-skene"])
+    out = read_manifest(str(tmp_path / "out.parquet")).frame
+    assert ((out["posterior_Mass"] >= 0.5).astype(float) == out["Mass"]).all() and out["posterior_Mass"].between(0, 1).all()
+    printed = capsys.readouterr().out
+    assert "Dawid-Skene" in printed and all(name in printed for name in ("E1", "C1", "C2"))

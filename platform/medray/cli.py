@@ -138,18 +138,22 @@ def _consensus(args, config) -> None:
 
     import pandas as pd
 
-    from medray.data.labels import agreement_summary, attach, cohen_pairs
+    from medray.data.labels import agreement_summary, attach, cohen_pairs, dawid_skene
     from medray.data.manifest import read_manifest, write_manifest
     from medray.io import storage
 
     votes = pd.read_csv(io.BytesIO(storage.read_bytes(storage.absolute(args.votes))))
     manifest = read_manifest(storage.absolute(args.manifest))
     named = [label for label in manifest.labels if label in votes]
-    result = attach(manifest, votes, args.image_column, args.rater_column, args.tie, not args.keep_labels)
+    result = attach(manifest, votes, args.image_column, args.rater_column, args.tie, not args.keep_labels, args.method)
     write_manifest(result, storage.absolute(args.out))
     print(agreement_summary(result.frame, named).round(3).to_string())
     pairs = cohen_pairs(votes, named, args.image_column, args.rater_column)
     print(pairs.groupby("label")["cohen_kappa"].agg(["mean", "min", "max"]).round(3).rename(columns=lambda c: f"cohen {c}").to_string())
+    if args.method == "dawid-skene":
+        raters = pd.concat({label: dawid_skene(votes, label, args.image_column, args.rater_column)[1] for label in named}, names=["label"])
+        print("each rater's sensitivity and specificity as Dawid-Skene estimates them:")
+        print(raters.round(3).to_string())
     print(f"→ {args.out}")
 
 
@@ -159,7 +163,9 @@ def _consensus_arguments(parser) -> None:
     parser.add_argument("out", help="manifest to write (may be the same file)")
     parser.add_argument("--image-column", default="Image Index")
     parser.add_argument("--rater-column", default="Rater")
-    parser.add_argument("--tie", default="unknown", choices=["unknown", "positive", "negative"])
+    parser.add_argument("--tie", default="unknown", choices=["unknown", "positive", "negative"], help="majority: what a tie becomes")
+    parser.add_argument("--method", default="majority", choices=["majority", "dawid-skene"],
+                        help="dawid-skene weighs each rater by their estimated sensitivity and specificity and adds posterior_<label>")
     parser.add_argument("--keep-labels", action="store_true", help="add agreement only; keep the manifest's labels")
 
 

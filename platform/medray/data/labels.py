@@ -3,7 +3,8 @@
 Votes come as one row per (image, rater) with a 0/1 column per label (NaN: the rater gave no
 opinion), e.g. the demo's ``rater_votes.csv``. Per image and label:
 
-- the **consensus** is the majority of the votes cast;
+- the **consensus** is the majority of the votes cast, or (``method="dawid-skene"``) the label whose
+  posterior is highest when each rater's vote is weighed by their estimated sensitivity and specificity;
 - the **tie rule**: with an even number of votes split evenly there is no majority, and the label
   becomes unknown (NaN: masked out of the loss and the metrics) unless ``tie`` says to count ties as
   positive (a screening reading: a finding half the raters saw is followed up) or negative;
@@ -27,6 +28,7 @@ from sklearn.metrics import cohen_kappa_score
 from medray.data.manifest import Manifest
 
 TIE_RULES = ("unknown", "positive", "negative")
+CONSENSUS_METHODS = ("majority", "dawid-skene")
 
 
 def fleiss_kappa(counts: np.ndarray) -> float:
@@ -53,10 +55,16 @@ def fleiss_from_votes(positive_votes, raters) -> float:
     return fleiss_kappa(np.stack([positive[keep], total[keep] - positive[keep]], axis=1))
 
 
-def consensus(votes: pd.DataFrame, labels: list[str], image: str = "Image Index", rater: str = "Rater", tie: str = "unknown") -> pd.DataFrame:
-    """One row per image (indexed by the ``image`` key): consensus label, agreement and vote counts."""
+def consensus(votes: pd.DataFrame, labels: list[str], image: str = "Image Index", rater: str = "Rater", tie: str = "unknown",
+              method: str = "majority") -> pd.DataFrame:
+    """One row per image (indexed by the ``image`` key): consensus label, agreement and vote counts.
+
+    ``method``: ``majority`` (with the ``tie`` rule) or ``dawid-skene``, the label a posterior of 0.5 or
+    more under ``dawid_skene``, which also adds the posterior itself (``posterior_<label>``, a soft label)."""
     if tie not in TIE_RULES:
         raise ValueError(f"unknown tie rule {tie!r}; known: {', '.join(TIE_RULES)}")
+    if method not in CONSENSUS_METHODS:
+        raise ValueError(f"unknown consensus method {method!r}; known: {', '.join(CONSENSUS_METHODS)}")
     missing = [c for c in (image, rater, *labels) if c not in votes]
     if missing:
         raise ValueError(f"rater votes: missing column(s) {missing}; found {list(votes.columns)}")
@@ -75,11 +83,49 @@ def consensus(votes: pd.DataFrame, labels: list[str], image: str = "Image Index"
         value[(cast == 0).to_numpy()] = np.nan
         agreement = np.where(tied, "tie", np.where((positive == 0) | (negative == 0), "unanimous", "majority"))
         agreement[(cast == 0).to_numpy()] = "none"
+        if method == "dawid-skene":
+            posterior = dawid_skene(votes, label, image, rater)[0].reindex(positive.index)
+            value = np.where(posterior.isna(), np.nan, (posterior >= 0.5).astype(float))
+            out[f"posterior_{label}"] = posterior.to_numpy()
         out[label] = value
         out[f"agreement_{label}"] = agreement
         out[f"votes_{label}"] = positive.to_numpy()
         out[f"raters_{label}"] = cast.to_numpy()
     return pd.DataFrame(out, index=grouped.size().index)
+
+
+def dawid_skene(votes: pd.DataFrame, label: str, image: str = "Image Index", rater: str = "Rater",
+                iterations: int = 200, tolerance: float = 1e-8) -> tuple[pd.Series, pd.DataFrame]:
+    """Each rater's sensitivity and specificity for ``label`` and each image's posterior probability of a
+    positive, estimated together by EM (Dawid & Skene 1979, binary case) from the votes alone.
+
+    A majority vote counts every rater alike; here a rater who rarely misses a finding, or rarely calls one
+    that is not there, weighs more: an image's log-odds are the prevalence's plus, per vote, log(se/(1−sp))
+    for a positive and log((1−se)/sp) for a negative. Starts from the share of positive votes.
+    Returns the posterior per image (indexed by ``image``) and a table per rater: sensitivity,
+    specificity, images rated."""
+    cast = votes[[image, rater, label]].dropna(subset=[label])
+    wide = cast.pivot_table(index=image, columns=rater, values=label, aggfunc="first")
+    v = wide.to_numpy(float)  # images × raters, NaN where a rater gave no vote
+    rated = ~np.isnan(v)
+    v0 = np.nan_to_num(v)
+    posterior = np.nanmean(v, axis=1)
+    clip = (1e-3, 1 - 1e-3)
+    for _ in range(iterations):
+        t = posterior[:, None]
+        prevalence = float(np.clip(posterior.mean(), *clip))
+        sensitivity = np.clip((t * v0 * rated).sum(0) / np.maximum((t * rated).sum(0), 1e-12), *clip)
+        specificity = np.clip(((1 - t) * (1 - v0) * rated).sum(0) / np.maximum(((1 - t) * rated).sum(0), 1e-12), *clip)
+        positive = np.log(sensitivity / (1 - specificity))
+        negative = np.log((1 - sensitivity) / specificity)
+        log_odds = np.log(prevalence / (1 - prevalence)) + (rated * (v0 * positive + (1 - v0) * negative)).sum(axis=1)
+        updated = 1 / (1 + np.exp(-log_odds))
+        done = np.abs(updated - posterior).max() < tolerance
+        posterior = updated
+        if done:
+            break
+    raters = pd.DataFrame({"sensitivity": sensitivity, "specificity": specificity, "images": rated.sum(0)}, index=wide.columns)
+    return pd.Series(posterior, index=wide.index, name=f"posterior_{label}"), raters
 
 
 def cohen_pairs(votes: pd.DataFrame, labels: list[str], image: str = "Image Index", rater: str = "Rater") -> pd.DataFrame:
@@ -110,7 +156,8 @@ def agreement_summary(frame: pd.DataFrame, labels: list[str]) -> pd.DataFrame:
     return pd.DataFrame(rows).set_index("label") if rows else pd.DataFrame()
 
 
-def attach(manifest: Manifest, votes: pd.DataFrame, image: str = "Image Index", rater: str = "Rater", tie: str = "unknown", replace_labels: bool = True) -> Manifest:
+def attach(manifest: Manifest, votes: pd.DataFrame, image: str = "Image Index", rater: str = "Rater", tie: str = "unknown",
+           replace_labels: bool = True, method: str = "majority") -> Manifest:
     """The manifest with consensus, agreement and vote counts joined on the image's file name.
 
     With ``replace_labels`` the consensus becomes the label (images without votes keep theirs);
@@ -118,14 +165,15 @@ def attach(manifest: Manifest, votes: pd.DataFrame, image: str = "Image Index", 
     labels = [label for label in manifest.labels if label in votes]
     if not labels:
         raise ValueError(f"rater votes hold none of the manifest's labels {manifest.labels}")
-    table = consensus(votes, labels, image, rater, tie)
+    table = consensus(votes, labels, image, rater, tie, method)
     table.index = [posixpath.basename(str(key)) for key in table.index]
     keys = manifest.frame["image"].map(lambda uri: posixpath.basename(str(uri)))
     joined = table.reindex(keys.to_numpy())
     frame = manifest.frame.copy()
     for label in labels:
-        for column in (f"agreement_{label}", f"votes_{label}", f"raters_{label}"):
-            frame[column] = joined[column].to_numpy()
+        for column in (f"agreement_{label}", f"votes_{label}", f"raters_{label}", f"posterior_{label}"):
+            if column in joined:
+                frame[column] = joined[column].to_numpy()
         frame[f"agreement_{label}"] = frame[f"agreement_{label}"].fillna("none")
         if replace_labels:
             has_votes = joined[f"raters_{label}"].fillna(0).to_numpy() > 0
