@@ -156,6 +156,9 @@ class EvaluateConfig(_Section):
     deployment_prevalence: dict[str, float] = Field(
         default_factory=dict, description="per label: the prevalence where the model will be used, for PPV/NPV"
     )
+    levels: list[Literal["image", "study", "patient"]] = Field(
+        ["image", "study"], description="levels reported (image always): study where the manifest has study_id, patient; each scored by its images' maximum probability"
+    )
     calibration_bins: int = Field(10, ge=2, le=100)
     calibrate: bool = Field(
         True,

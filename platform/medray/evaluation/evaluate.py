@@ -22,6 +22,7 @@ from medray.data import rows, splits
 from medray.data.labels import agreement_summary
 from medray.data.manifest import read_manifest
 from medray.evaluation import calibration, explain, intervals
+from medray.evaluation.levels import LEVELS, aggregate
 from medray.evaluation.metrics import at_threshold, auroc, check_prevalence, label_table, single_label_summary
 from medray.evaluation.predict import predict, prob_columns
 from medray.evaluation.subgroups import subgroup_table
@@ -42,6 +43,7 @@ class Evaluation:
     unanimous: pd.DataFrame
     summary: dict = field(default_factory=dict)
     paths: dict = field(default_factory=dict)
+    levels: dict = field(default_factory=dict)  # "study" / "patient": the label table at that level
 
     @property
     def mean_auroc(self) -> float:
@@ -78,6 +80,22 @@ def calibration_table(task: str, labels, val, test, fit: bool, prior_shift, bins
                 row["val_ece_after"] = scores[i].get(fitted.methods[i], {}).get("ece", float("nan"))
         rows_.append(row)
     return pd.DataFrame(rows_).set_index("label"), calibrated, fitted
+
+
+def level_tables(task: str, labels: list[str], probs: list[str], val: pd.DataFrame, test: pd.DataFrame, e) -> dict[str, pd.DataFrame]:
+    """The label table per study and/or per patient (``evaluate.levels``), thresholds chosen on val at the
+    same level; a level the manifest cannot give (no ``study_id``) or the task does not suit is left out."""
+    tables = {}
+    for level in e.levels:
+        if level == "image" or task != "multi-label" or any(key not in test for key in LEVELS[level]):
+            continue
+        v, t = (aggregate(frame, labels, probs, level) for frame in (val, test))
+        if len(t) == len(test):  # one image per study: the image table already says it all
+            continue
+        table = label_table(labels, v[labels].to_numpy(float), v[probs].to_numpy(float), t[labels].to_numpy(float),
+                            t[probs].to_numpy(float), e.threshold, e.threshold_target, e.deployment_prevalence)  # fmt: skip
+        tables[level] = with_intervals(table, t, labels, e.bootstrap, e.seed)
+    return tables
 
 
 UNANIMOUS_COLUMNS = ["positives", "auroc", "auroc_lo", "auroc_hi", "sensitivity", "specificity"]
@@ -163,6 +181,7 @@ def evaluate(config: JobConfig) -> Evaluation:
 
     table = label_table(labels, val_y, val_p, test_y, test_p, e.threshold, e.threshold_target, e.deployment_prevalence)
     table = with_intervals(table, test, labels, e.bootstrap, e.seed)
+    by_level = level_tables(task, labels, probs, val, test, e)
     summary = single_label_summary(task, test_y, test_p) if task != "multi-label" else {}
     shift = checkpoint.read_meta(checkpoint_uri).get("prior_shift")  # absent from checkpoints before it was recorded
     calib, calibrated, fitted = calibration_table(
@@ -179,7 +198,7 @@ def evaluate(config: JobConfig) -> Evaluation:
     buffer = io.BytesIO()
     scored.to_parquet(buffer, index=False)
     storage.write_bytes(storage.join(out_dir, "predictions.parquet"), buffer.getvalue())
-    result = Evaluation(table, calib, subgroups, agreement, unanimous, summary)
+    result = Evaluation(table, calib, subgroups, agreement, unanimous, summary, levels=by_level)
     paths = build_report(
         out_dir, config, manifest, result, checkpoint_uri,
         splits.summary(frame, labels), test_y, test_p, calibrated, tiles, read_audit(config.run_dir), len(failed),

@@ -233,6 +233,13 @@ def build_report(out_dir, config, manifest, result, checkpoint_uri, split_summar
         "Accuracy is shown at the val threshold and at 0.5, the fixed operating point published benchmarks use."),
         metrics_shown(table),
     ]
+    for level, level_table in result.levels.items():
+        metric_blocks += [
+            (f"Per {level}: each {level} scored by the highest probability among its images and positive for a finding when any "
+             f"of its images is (as the CheXpert evaluation scores studies); thresholds chosen on val {level}s, intervals by "
+             "patient bootstrap."),
+            metrics_shown(level_table).rename(columns={"images": f"{level}s"}),
+        ]
     if result.summary:
         _, trained = _run_records(config.run_dir, checkpoint_uri, config.model_dump(mode="json"))
         weighting = trained.get("loss", {}).get("weighting", "?")
@@ -246,8 +253,9 @@ def build_report(out_dir, config, manifest, result, checkpoint_uri, split_summar
                              expected_calibration_error(test_y[:, i], calibrated[:, i], e.calibration_bins)))  # fmt: skip
         calibration_curves[label] = variants
     calibration_note = (
-        "Per label, the map with the lowest out-of-fold ECE on the validation split (folds grouped by patient): none, the "
-        "prior correction that undoes the training's class weights, that plus Platt scaling, or an isotonic map; "
+        "Per label, a map chosen on the validation split: none, the prior correction that undoes the training's class weights, "
+        "that plus Platt scaling, or an isotonic map — the lowest out-of-fold log loss (folds grouped by patient) among those "
+        "that do not raise the out-of-fold ECE; "
         f"written to {result.calibration.attrs['file']}; scoring applies it."
         if "file" in result.calibration.attrs else "Calibration is off (evaluate.calibrate)."
     )
@@ -279,6 +287,7 @@ def build_report(out_dir, config, manifest, result, checkpoint_uri, split_summar
         "checkpoint": checkpoint_uri,
         "mean_auroc": result.mean_auroc,
         "labels": json.loads(table.to_json(orient="index")),
+        "levels": {level: json.loads(t.to_json(orient="index")) for level, t in result.levels.items()},
         "summary": result.summary,
         "calibration": {"per_label": json.loads(result.calibration.to_json(orient="index")), "file": result.calibration.attrs.get("file")},
         "subgroups": json.loads(result.subgroups.to_json(orient="records")),
