@@ -152,7 +152,8 @@ def generate(
         rng = np.random.default_rng(stream)
         patient = _make_patient(pid, rng, prevalence)
         for follow_up in range(patient.studies):
-            shown = frozenset(f for f in patient.findings if rng.random() < SHOWN_AT_FOLLOW_UP)
+            # In FINDINGS' order: a frozenset's order follows Python's per-process string hashing, and the draws would too.
+            shown = frozenset(f for f in FINDINGS if f in patient.findings and rng.random() < SHOWN_AT_FOLLOW_UP)
             name = f"{pid:08d}_{follow_up:03d}.png"
             Image.fromarray(render(patient, shown, image_size, rng)).save(os.path.join(images, name))
             labels = "|".join(sorted(shown)) or "No Finding"
