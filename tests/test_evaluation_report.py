@@ -34,7 +34,7 @@ def evaluated(tmp_path_factory, split_manifest_path, demo_dir, ray_session):
         "name": "report", "storage": str(root),
         "data": {"manifest": manifest_path, "image_size": 32},
         "train": {"epochs": 1, "workers": 1, "batch_size": 16},
-        "evaluate": {"bootstrap": 200, "gallery": 1, "deployment_prevalence": {"Mass": 0.02}},
+        "evaluate": {"bootstrap": 200, "gallery": 1, "deployment_prevalence": {"Mass": 0.02}, "rater_votes": str(demo_dir / "rater_votes.csv")},
     })  # fmt: skip
     train(config)
     audit_dir = root / "report" / "audit"
@@ -64,6 +64,11 @@ def test_metrics_json_holds_each_label_with_patient_intervals_prevalence_and_cal
         assert per_label["val_ece_after"] <= per_label["val_ece_before"] and per_label["method"] in {o["method"] for o in outputs}
     assert all(isinstance(row["positive_patients"], (int, float)) and isinstance(row["val_separated"], bool) for row in metrics["labels"].values())
     assert metrics["audit"]["passed"] is False
+    # The three simulated raters, each a point on every label's ROC curve, and how many lie under it.
+    # (A label whose test images are all negative has no sensitivity, and no points.)
+    measurable = [label for label in labels if 0 < metrics["labels"][label]["positives"] < metrics["labels"][label]["n"]]
+    assert measurable and {(r["label"], r["rater"]) for r in metrics["raters"]} == {(label, f"R{k}") for label in measurable for k in (1, 2, 3)}
+    assert set(metrics["raters_under_roc"]) == set(measurable) and all(0 <= n <= 3 for n in metrics["raters_under_roc"].values())
     assert set(metrics["agreement"]) == set(labels)
     assert {"sex", "age band", "view"} <= {row["dimension"] for row in metrics["subgroups"]}
     assert {row["cases"] for row in metrics["unanimous"]} == {"all", "unanimous"}
@@ -102,7 +107,7 @@ def test_the_html_report_renders_in_chromium_with_every_section(evaluated, tmp_p
     for anchor in SECTIONS:
         assert f'<section id="{anchor}">' in dom, f"section {anchor} missing from the rendered report"
     for text in ("Leakage audit FAILED", "patient overlap", "Fleiss", "Intended use", "Training data", "Evaluation data",
-                 "Subgroup caveats", "Limitations", "PPV (deployment)", "after the calibration chosen on val"):  # fmt: skip
+                 "Subgroup caveats", "Limitations", "PPV (deployment)", "after the calibration chosen on val", "NumRadsUnderROC"):  # fmt: skip
         assert text in dom, text
     for figure in ("ROC curves", "Precision-recall curves", "Reliability diagrams", "Subgroup AUROC", "Error gallery"):
         assert f'<img alt="{figure}' in dom, f"figure {figure} missing"

@@ -159,6 +159,11 @@ class EvaluateConfig(_Section):
     levels: list[Literal["image", "study", "patient"]] = Field(
         ["image", "study"], description="levels reported (image always): study where the manifest has study_id, patient; each scored by its images' maximum probability"
     )
+    rater_votes: Uri | None = Field(
+        None, description="CSV of readers' votes (a row per image and rater, a 0/1 column per label): each rater as a point on the ROC"
+    )
+    rater_image_column: str = Field("Image Index", description="rater_votes: the column naming the image file")
+    rater_column: str = Field("Rater", description="rater_votes: the column naming the rater")
     calibration_bins: int = Field(10, ge=2, le=100)
     calibrate: bool = Field(
         True,

@@ -19,6 +19,7 @@ from medray.data.labels import agreement_summary, attach
 from medray.data.manifest import Manifest, read_manifest, write_manifest
 from medray.data.splits import split_with_config, summary
 from medray.evaluation.evaluate import evaluate
+from medray.evaluation.experts import raters_under_curve
 from medray.io import storage
 from medray.scoring.score import score
 from medray.training.trainer import train
@@ -64,7 +65,9 @@ def run_demo(config: JobConfig) -> None:
     print(f"best checkpoint: {result.best_checkpoint} (val mean AUROC {result.metrics['val_auroc_mean']:.3f})")
 
     _step("5/6 evaluate on the test split (the calibration fitted on val goes into the checkpoint)")
-    evaluation = evaluate(config)
+    # The simulated raters read every test image too: the report puts each on the model's ROC curve.
+    votes_file = config.evaluate.rater_votes or storage.join(data_dir, "rater_votes.csv")
+    evaluation = evaluate(config.model_copy(update={"evaluate": config.evaluate.model_copy(update={"rater_votes": votes_file})}))
 
     _step("6/6 score the image archive (Ray Data), calibrated")
     scoring = score(config.model_copy(update={"score": config.score.model_copy(update={"input": config.score.input or storage.join(data_dir, "images")})}))
@@ -82,6 +85,9 @@ def run_demo(config: JobConfig) -> None:
     print(shown.round(3).to_string())
     flagged = evaluation.subgroups[evaluation.subgroups["below_overall"]] if len(evaluation.subgroups) else []
     print(f"mean test AUROC: {evaluation.mean_auroc:.3f}; subgroups flagged below overall: {len(flagged)}")
+    if len(evaluation.experts):
+        under, raters = raters_under_curve(evaluation.experts), evaluation.experts.groupby("label").size()
+        print("raters under the model's ROC curve: " + ", ".join(f"{label} {n} of {raters[label]}" for label, n in under.items()))
 
     _step(f"done in {time.monotonic() - started:.0f} s")
     print(f"predictions: {scoring.output}")

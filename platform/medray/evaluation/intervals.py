@@ -74,7 +74,7 @@ def weighted_at_threshold(y: np.ndarray, p: np.ndarray, w: np.ndarray, threshold
         }
 
 
-def _interval(values: np.ndarray, level: float) -> tuple[float, float]:
+def percentile_interval(values: np.ndarray, level: float) -> tuple[float, float]:
     values = values[~np.isnan(values)]
     if len(values) == 0:
         return float("nan"), float("nan")
@@ -96,7 +96,7 @@ def bootstrap_intervals(
     w = patient_weights(ids, resamples, seed)
     values = {"auroc": weighted_auroc(y, p, w), "auprc": weighted_average_precision(y, p, w)}
     values.update(weighted_at_threshold(y, p, w, threshold))
-    return {metric: _interval(values[metric], level) for metric in INTERVAL_METRICS}
+    return {metric: percentile_interval(values[metric], level) for metric in INTERVAL_METRICS}
 
 
 def _midranks(x: np.ndarray) -> np.ndarray:
@@ -146,7 +146,7 @@ def paired_bootstrap(y, p_a, p_b, patient_ids, resamples: int = 1000, seed: int 
     w = patient_weights(np.asarray(patient_ids)[keep], resamples, seed)
     y = y[keep].astype(int)
     difference = weighted_auroc(y, a[keep], w) - weighted_auroc(y, b[keep], w)
-    lo, hi = _interval(difference, level)
+    lo, hi = percentile_interval(difference, level)
     valid = difference[~np.isnan(difference)]
     return {
         "difference_lo": lo,

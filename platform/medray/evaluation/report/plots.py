@@ -12,8 +12,9 @@ from sklearn.metrics import precision_recall_curve, roc_curve
 from medray.io.figures import plt, png
 
 
-def roc_curves(targets: np.ndarray, probs: np.ndarray, table: pd.DataFrame) -> bytes:
-    """One ROC panel per label, with the operating point at the threshold chosen on val."""
+def roc_curves(targets: np.ndarray, probs: np.ndarray, table: pd.DataFrame, raters: pd.DataFrame | None = None) -> bytes:
+    """One ROC panel per label, with the operating point at the threshold chosen on val and, where given,
+    each rater's operating point (``experts.rater_table``)."""
     labels = list(table.index)
     cols = min(len(labels), 4)
     rows = math.ceil(len(labels) / cols)
@@ -27,6 +28,9 @@ def roc_curves(targets: np.ndarray, probs: np.ndarray, table: pd.DataFrame) -> b
             ax.plot(fpr, tpr, lw=2)
             row = table.loc[label]
             ax.plot(1 - row["specificity"], row["sensitivity"], "o", c="crimson", label="val threshold")
+            readers = raters[raters["label"] == label] if raters is not None and len(raters) else []
+            for k, reader in enumerate(readers.itertuples() if len(readers) else []):
+                ax.plot(1 - reader.specificity, reader.sensitivity, "^", c="darkorange", ms=7, label="raters" if k == 0 else None)
             ax.legend(loc="lower right", fontsize=8)
         ax.set_title(f"{label}  AUROC {table.loc[label, 'auroc']:.3f}", fontsize=10)
         ax.set_xlabel("1 − specificity")

@@ -14,6 +14,7 @@ import pandas as pd
 import yaml
 
 from medray.evaluation.calibration import expected_calibration_error, reliability
+from medray.evaluation.experts import raters_under_curve
 from medray.evaluation.report import plots
 from medray.evaluation.report.document import Figure, Heading, Section, format_value, write_report
 from medray.io import storage
@@ -136,6 +137,22 @@ def _subgroup_blocks(subgroups: pd.DataFrame, table: pd.DataFrame) -> list:
         _subgroup_shown(subgroups),
         Figure("subgroups.png", plots.subgroup_forest(subgroups, table), "Subgroup AUROC against the overall interval"),
     ]
+
+
+def _expert_blocks(experts: pd.DataFrame) -> list:
+    if experts.empty:
+        return []
+    under = raters_under_curve(experts)
+    counted = experts.groupby("label", sort=False).size()
+    shown = experts.assign(**{"model − rater (95% CI)": [ci(*r) for r in experts[["difference", "difference_lo", "difference_hi"]].to_numpy()]})
+    return [
+        "Raters under the model's ROC curve (the CheXpert scorer's NumRadsUnderROC): "
+        + ", ".join(f"{label} {under[label]} of {counted[label]}" for label in counted.index) + ".",
+        ("Each rater's sensitivity and specificity on the test images they read, against the reference labels, and the "
+         "model's sensitivity at that rater's specificity; the difference has a paired patient-bootstrap interval."),
+        shown[["label", "rater", "images", "positives", "sensitivity", "specificity", "model_sensitivity",
+               "model − rater (95% CI)", "under_curve"]].set_index("label"),
+    ]  # fmt: skip
 
 
 def _run_records(run_dir: str, checkpoint_uri: str, fallback: dict) -> tuple[dict, dict]:
@@ -266,7 +283,9 @@ def build_report(out_dir, config, manifest, result, checkpoint_uri, split_summar
         _ground_truth_section(result),
         Section("Test metrics per label", "metrics", metric_blocks),
         Section("ROC and precision-recall curves", "curves", [
-            Figure("roc.png", plots.roc_curves(test_y, test_p, table), "ROC curves; the dot is the operating point chosen on val"),
+            *_expert_blocks(result.experts),
+            Figure("roc.png", plots.roc_curves(test_y, test_p, table, result.experts),
+                   "ROC curves; the dot is the operating point chosen on val" + ("; triangles: the raters" if len(result.experts) else "")),
             Figure("pr.png", plots.pr_curves(test_y, test_p, table), "Precision-recall curves; dotted: test prevalence"),
         ]),
         Section("Calibration", "calibration", [
@@ -288,6 +307,8 @@ def build_report(out_dir, config, manifest, result, checkpoint_uri, split_summar
         "mean_auroc": result.mean_auroc,
         "labels": json.loads(table.to_json(orient="index")),
         "levels": {level: json.loads(t.to_json(orient="index")) for level, t in result.levels.items()},
+        "raters": json.loads(result.experts.to_json(orient="records")) if not result.experts.empty else None,
+        "raters_under_roc": raters_under_curve(result.experts).to_dict() if not result.experts.empty else None,
         "summary": result.summary,
         "calibration": {"per_label": json.loads(result.calibration.to_json(orient="index")), "file": result.calibration.attrs.get("file")},
         "subgroups": json.loads(result.subgroups.to_json(orient="records")),
