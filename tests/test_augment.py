@@ -147,3 +147,16 @@ def test_probabilities_must_lie_in_zero_to_one():
 def test_pixels_must_be_uint8_gray_or_rgb():
     with pytest.raises(ValueError, match="uint8"):
         augment_batch(np.zeros((2, 8, 8, 4), dtype=np.uint8), "cxr")
+
+
+def test_medray_augment_preview_writes_a_grid_of_training_images_beside_draws_of_the_policy(split_manifest_path, tmp_path, capsys):
+    from PIL import Image
+
+    from medray.cli import main
+
+    out = tmp_path / "preview.png"
+    main(["augment-preview", "--set", f"data.manifest={split_manifest_path}", "--set", f"storage={tmp_path}",
+          "--set", "data.image_size=32", "--out", str(out), "--images", "3", "--draws", "4"])  # fmt: skip
+    grid = Image.open(out)
+    assert grid.format == "PNG" and grid.width > grid.height  # 3 rows of 5 panels: the original and 4 draws
+    assert f"'cxr' on 3 training images, 4 draws each → {out}" in capsys.readouterr().out

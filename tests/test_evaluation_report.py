@@ -82,6 +82,7 @@ def test_the_report_says_what_it_left_out_how_accuracy_is_measured_and_that_inte
     assert all(note in report for note in notes)
     assert "accuracy (val threshold)" in report and "accuracy (0.5)" in report and "mean accuracy at 0.5" in report
     assert "Not stated (set evaluate.intended_use)" in report and "chest radiographs" not in report
+    assert "augment_preview.png" in report  # the data section shows the policy the model was trained with
 
 
 def test_subgroup_rows_show_sizes_and_mark_small_groups(evaluated):
@@ -109,7 +110,7 @@ def test_the_html_report_renders_in_chromium_with_every_section(evaluated, tmp_p
     for text in ("Leakage audit FAILED", "patient overlap", "Fleiss", "Intended use", "Training data", "Evaluation data",
                  "Subgroup caveats", "Limitations", "PPV (deployment)", "after the calibration chosen on val", "NumRadsUnderROC"):  # fmt: skip
         assert text in dom, text
-    for figure in ("ROC curves", "Precision-recall curves", "Reliability diagrams", "Subgroup AUROC", "Error gallery"):
+    for figure in ("ROC curves", "Precision-recall curves", "Reliability diagrams", "Subgroup AUROC", "Error gallery", "Augmentation 'cxr'"):
         assert f'<img alt="{figure}' in dom, f"figure {figure} missing"
     assert dom.count('src="data:image/png;base64,') == dom.count("<img"), "every figure is embedded in the page"
 

@@ -285,6 +285,21 @@ def _extract_patches(args, config) -> None:
         print(f"unreadable slides and why: {storage.join(r.out, 'errors.parquet')}")
 
 
+def _augment_preview(args, config) -> None:
+    from medray.io import storage
+    from medray.training.preview import preview
+
+    out = storage.absolute(args.out) if args.out else storage.join(config.run_dir, "augment_preview.png")
+    storage.write_bytes(out, preview(config, args.images, args.draws))
+    print(f"'{config.data.augment}' on {args.images} training images, {args.draws} draws each → {out}")
+
+
+def _augment_preview_arguments(parser) -> None:
+    parser.add_argument("--out", help="PNG to write (default: <run>/augment_preview.png)")
+    parser.add_argument("--images", type=int, default=4)
+    parser.add_argument("--draws", type=int, default=5)
+
+
 def _prepare(args, config) -> None:
     from medray.data.cache import prepare
 
@@ -313,6 +328,7 @@ COMMANDS: dict[str, Command] = {
     "score": Command(_score, "score an image archive (Ray Data), exactly once per input", ray=True, job=True),
     "demo": Command(_demo, "the end-to-end demo on generated data", ray=True, job=True),
     "extract-patches": Command(_extract_patches, "whole-slide images → tissue patches (Ray Data)", ray=True, job=True),
+    "augment-preview": Command(_augment_preview, "a grid of training images and draws of the augmentation policy (PNG)", _augment_preview_arguments),
     "prepare": Command(_prepare, "decode and resize a manifest's images once into training shards", ray=True, job=True),
 }
 

@@ -139,6 +139,18 @@ def _subgroup_blocks(subgroups: pd.DataFrame, table: pd.DataFrame) -> list:
     ]
 
 
+def _augment_blocks(config) -> list:
+    """The augmentation the model was trained with, shown on a few training images (medray.training.preview)."""
+    from medray.errors import MedrayError
+    from medray.training.preview import preview
+
+    try:
+        grid = preview(config)
+    except MedrayError as err:
+        return [f"No augmentation preview: {err}"]
+    return [Figure("augment_preview.png", grid, f"Augmentation '{config.data.augment}': training images and draws of the policy")]
+
+
 def _expert_blocks(experts: pd.DataFrame) -> list:
     if experts.empty:
         return []
@@ -278,7 +290,7 @@ def build_report(out_dir, config, manifest, result, checkpoint_uri, split_summar
     )
     sections = [
         Section("Summary", "summary", [overview]),
-        Section("Data and splits", "data", ["Patients, images and prevalence per split.", split_summary]),
+        Section("Data and splits", "data", ["Patients, images and prevalence per split.", split_summary, *_augment_blocks(config)]),
         _audit_section(audit),
         _ground_truth_section(result),
         Section("Test metrics per label", "metrics", metric_blocks),
