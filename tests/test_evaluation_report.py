@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from medray.cli import main
-from medray.config import build_config
+from medray.config import ConfigError, build_config
 from medray.data.labels import attach
 from medray.data.manifest import read_manifest, write_manifest
 from medray.evaluation.compare import compare
@@ -133,3 +133,27 @@ def test_comparing_a_checkpoint_with_itself_finds_no_difference(evaluated, tmp_p
     known = table.dropna(subset=["auroc_a"])
     assert len(known) and (known["difference"].abs() < 1e-12).all() and (known["p_value"] == 1.0).all()
     assert "DeLong" in Path(paths["compare.md"]).read_text()
+
+
+def test_single_task_baselines_train_one_model_per_label_and_compare_each_with_the_run_by_delong(evaluated):
+    from medray.evaluation.compare import read_baselines
+    from medray.sweeps.baselines import run_baselines
+    from medray.training import checkpoint
+
+    config, evaluation = evaluated
+    # The run trained with one whole CPU per worker: on this 2-CPU Ray, a trial and its data need less.
+    with pytest.raises(ConfigError, match="cannot hold one baseline training"):
+        run_baselines(config, ["Mass"])
+    config = config.model_copy(update={"train": config.train.model_copy(update={"cpus_per_worker": 0.5})})
+    result = run_baselines(config, ["Mass", "Cardiomegaly"])
+    table = result.table
+    assert list(table.index) == ["Mass", "Cardiomegaly"]
+    for label, row in table.iterrows():
+        assert checkpoint.read_meta(row["checkpoint"])["labels"] == [label]  # a model of that label alone
+        # The multi-label side is the run's own model on the same test images: the evaluation's AUROC.
+        assert row["multi_label_auroc"] == pytest.approx(evaluation.table.loc[label, "auroc"])
+        assert row["difference"] == pytest.approx(row["single_task_auroc"] - row["multi_label_auroc"])
+        assert 0 <= row["p_value"] <= 1
+    written = read_baselines(config.run_dir)
+    assert list(written.index) == list(table.index)
+    assert written[["single_task_auroc", "p_value"]].to_numpy(float) == pytest.approx(table[["single_task_auroc", "p_value"]].to_numpy(float))

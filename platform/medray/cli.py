@@ -285,6 +285,18 @@ def _extract_patches(args, config) -> None:
         print(f"unreadable slides and why: {storage.join(r.out, 'errors.parquet')}")
 
 
+def _baselines(args, config) -> None:
+    from medray.sweeps.baselines import run_baselines
+
+    result = run_baselines(config, _names(args.labels) if args.labels else None)
+    print(result.table.drop(columns="checkpoint").round(4).to_string())
+    print(f"→ {result.paths['baselines.md']}")
+
+
+def _baselines_arguments(parser) -> None:
+    parser.add_argument("--labels", help="comma-separated labels (default: all of the manifest's)")
+
+
 def _augment_preview(args, config) -> None:
     from medray.io import storage
     from medray.training.preview import preview
@@ -324,6 +336,10 @@ COMMANDS: dict[str, Command] = {
     "tissue": Command(_tissue, "a slide's tissue mask, as a PNG overlay for review", _tissue_arguments),
     "train": Command(_train, "train a classifier (Ray Train, DDP)", ray=True, job=True),
     "tune": Command(_tune, "hyperparameter sweep (Ray Tune) over tune.space", ray=True, job=True),
+    "baselines": Command(
+        _baselines, "one single-label model per label (Ray Tune), each compared with the run's model (DeLong)", _baselines_arguments,
+        ray=True, job=True,
+    ),
     "evaluate": Command(_evaluate, "test-split metrics with intervals, calibration, subgroups and a report", ray=True, job=True),
     "score": Command(_score, "score an image archive (Ray Data), exactly once per input", ray=True, job=True),
     "demo": Command(_demo, "the end-to-end demo on generated data", ray=True, job=True),

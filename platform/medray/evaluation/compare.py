@@ -51,3 +51,21 @@ def compare(config: JobConfig, a: str, b: str, out_dir: str | None = None) -> tu
     storage.write_text(paths["compare.md"], text)
     storage.write_text(paths["compare.json"], json.dumps({"checkpoints": checkpoints, "labels": json.loads(table.to_json(orient="index"))}, indent=2))
     return table, paths
+
+
+def baselines_uri(run_dir: str) -> str:
+    """Where ``medray baselines`` (medray.sweeps.baselines) writes its comparison of a run's labels."""
+    return storage.join(run_dir, "baselines", "baselines.json")
+
+
+def baselines_note(images: int) -> str:
+    return (f"Each label's single-task model (the run's recipe, one label) against the multi-label model on the same {images} "
+            "test images: `difference` = single-task − multi-label AUROC, `p_value` by DeLong's test.")  # fmt: skip
+
+
+def read_baselines(run_dir: str) -> pd.DataFrame | None:
+    """The run's single-task baseline table, or None when ``medray baselines`` has not run."""
+    uri = baselines_uri(run_dir)
+    if not storage.exists(uri):
+        return None
+    return pd.DataFrame.from_dict(json.loads(storage.read_text(uri))["labels"], orient="index").rename_axis("label")

@@ -14,6 +14,7 @@ import pandas as pd
 import yaml
 
 from medray.evaluation.calibration import expected_calibration_error, reliability
+from medray.evaluation.compare import baselines_note, read_baselines
 from medray.evaluation.experts import raters_under_curve
 from medray.evaluation.report import plots
 from medray.evaluation.report.document import Figure, Heading, Section, format_value, write_report
@@ -262,6 +263,10 @@ def build_report(out_dir, config, manifest, result, checkpoint_uri, split_summar
         "Accuracy is shown at the val threshold and at 0.5, the fixed operating point published benchmarks use."),
         metrics_shown(table),
     ]
+    baselines = read_baselines(config.run_dir)
+    if baselines is not None:
+        metric_blocks += [f"Single-task baselines (medray baselines). {baselines_note(int(baselines['images'].max()))}",
+                          baselines.drop(columns="checkpoint")]  # fmt: skip
     for level, level_table in result.levels.items():
         metric_blocks += [
             (f"Per {level}: each {level} scored by the highest probability among its images and positive for a finding when any "
