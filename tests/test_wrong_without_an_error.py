@@ -142,6 +142,12 @@ def test_a_ragged_row_in_a_label_table_is_an_error_naming_the_file_and_row(tmp_p
         ingest_table(str(table), str(tmp_path / "m.parquet"), ColumnsConfig(image="file", patient="patient", labels=["Mass"]))
 
 
+def test_rows_without_the_headers_trailing_unnamed_column_are_not_ragged(tmp_path):
+    table = tmp_path / "Data_Entry_2017.csv"
+    table.write_text("Image Index,Patient ID,\na.png,1\nb.png,2\n")  # NIH's published header ends with a comma, its rows do not
+    assert read_csv(str(table), dtype=str)["Patient ID"].tolist() == ["1", "2"]
+
+
 def test_a_quoted_line_break_is_not_a_ragged_row(tmp_path):
     table = tmp_path / "labels.csv"
     table.write_text('file,note\na.png,"two\nlines"\nb.png,one\n')

@@ -89,7 +89,7 @@ def _points_to_folder(path: str) -> bool:
 
 
 def _not_a_file(entry: os.DirEntry) -> str:
-    """"" for a regular file (or a link to one); otherwise why the entry is not read."""
+    """Why the entry is not read, or "" for a regular file (or a link to one)."""
     try:
         mode = entry.stat(follow_symlinks=True).st_mode
     except FileNotFoundError:

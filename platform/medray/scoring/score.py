@@ -90,7 +90,7 @@ def manifest_uri(folder: str, uri) -> str:
     if storage.is_s3(uri) or os.path.isabs(uri) or not uri:
         return uri
     if storage.is_s3(folder):
-        return storage.S3 + posixpath.normpath(posixpath.join(folder[len(storage.S3):], uri))
+        return storage.S3 + posixpath.normpath(posixpath.join(folder[len(storage.S3) :], uri))
     return os.path.normpath(os.path.join(folder, uri))
 
 

@@ -12,6 +12,7 @@ any byte, so a table in an unknown 8-bit encoding is read, at worst with odd acc
 from __future__ import annotations
 
 import codecs
+import csv
 import io
 import logging
 
@@ -70,10 +71,17 @@ def ragged_row(text: str):
 
     pandas reads such rows without a word: a short row is padded with blanks, and when every row has
     one field more than the header, the first column silently becomes the index, shifting every label
-    by one column. pyarrow's parser reports both."""
+    by one column. pyarrow's parser reports both. A header's trailing unnamed columns (NIH's published
+    CSV ends its header, not its rows, with a comma) may be missing from a row: nothing is shifted."""
+    header = next(csv.reader(io.StringIO(text)), [])
+    named = len(header)
+    while named and not header[named - 1].strip():
+        named -= 1
     ragged = []
 
     def record(row) -> str:
+        if named <= row.actual_columns < row.expected_columns:
+            return "skip"  # only unnamed trailing columns missing
         ragged.append(row)
         return "error"  # stop at the first
 
