@@ -26,6 +26,7 @@ from pydantic import (
 from medray.choices import BACKBONE_NAMES, augment_params
 from medray.errors import MedrayError
 from medray.io import storage
+from medray.io.listing import IMAGE_EXTENSIONS
 
 Uri = Annotated[str, AfterValidator(storage.absolute)]
 
@@ -193,7 +194,7 @@ class ScoreConfig(_Section):
     cpus_per_actor: float = Field(1.0, gt=0, description="CPU actors: torch threads each; the other CPUs decode images")
     part_size: int = Field(1000, ge=1, description="inputs per output part; a rerun skips committed parts")
     extensions: list[str] = Field(
-        [".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm"], description="files scored when listing a folder or prefix"
+        list(IMAGE_EXTENSIONS), description="files scored when listing a folder or prefix (the same list ingest uses)"
     )
     gradcam_threshold: float | None = Field(
         None, gt=0, lt=1, description="write Grad-CAM PNGs (<output>/_gradcam/) for inputs with a probability at or above this"

@@ -18,7 +18,6 @@ from medray.io import storage
 from medray.io.dicom import DicomError, decode_dicom, is_dicom
 
 MAX_PIXELS = 20_000 * 20_000
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", ".dicom")
 
 
 class ImageError(MedrayError, ValueError):
@@ -78,6 +77,8 @@ def read(uri: str) -> bytes:
         return storage.read_bytes(uri)
     except FileNotFoundError:
         raise ImageError(f"{uri}: image file not found") from None
+    except storage.NotRegularFileError as err:
+        raise ImageError(str(err)) from None
     except OSError as err:
         raise ImageError(f"{uri}: cannot be read ({err.__class__.__name__})") from None
 

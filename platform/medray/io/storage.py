@@ -12,6 +12,8 @@ from __future__ import annotations
 import functools
 import os
 import posixpath
+import re
+import stat
 import uuid
 from collections.abc import Iterator
 from urllib.parse import urlparse
@@ -72,7 +74,35 @@ def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), absolute(uri)
 
 
+class NotRegularFileError(OSError):
+    """A local path that is not a regular file (a FIFO, a socket, a device, a folder): never read."""
+
+
+def file_kind(mode: int) -> str:
+    """What an ``os.stat`` mode stands for, in words (for the reason a file is not read)."""
+    kinds = ((stat.S_ISFIFO, "FIFO (named pipe)"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
+             (stat.S_ISBLK, "block device"), (stat.S_ISDIR, "folder"), (stat.S_ISREG, "regular file"))  # fmt: skip
+    return next((name for test, name in kinds if test(mode)), "special file")
+
+
+def _read_local(path: str) -> bytes:
+    # Checked on the open file, not before opening it: a path listed as a file may have become a
+    # FIFO since. O_NONBLOCK makes opening a FIFO return at once instead of waiting for a writer.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):  # a FIFO or socket would block, a device such as /dev/zero never ends
+            raise NotRegularFileError(f"{path}: a {file_kind(mode)}, not a regular file: not read")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read()
+    finally:
+        os.close(fd)
+
+
 def read_bytes(uri: str) -> bytes:
+    """The bytes of a regular file or S3 object; anything else locally is a ``NotRegularFileError``."""
+    if not is_s3(uri):
+        return _read_local(absolute(uri))
     fs, path = filesystem(uri)
     with fs.open_input_stream(path) as f:
         return f.read()
@@ -138,27 +168,43 @@ def iter_files(uri: str, extensions: tuple[str, ...] | None = None) -> Iterator[
                 if not item["Key"].endswith("/") and wanted(item["Key"]):
                     yield f"{S3}{bucket}/{item['Key']}"
         return
-    root = absolute(uri)
-    if not os.path.isdir(root):
-        raise FileNotFoundError(f"{uri}: no such folder")
-    for directory, subdirs, files in os.walk(root):
-        subdirs.sort()
-        for name in sorted(files):
-            if wanted(name):
-                yield os.path.join(directory, name)
+    from medray.io.listing import walk  # the one local walk (regular files only, no folder links); it builds on this module
+
+    yield from (entry.uri for entry in walk(uri, extensions) if not entry.skipped)
+
+
+TEMPORARY = re.compile(r"^\..+\.[0-9a-f]{32}\.tmp$")  # write_atomic's temporary files
 
 
 def write_atomic(uri: str, data: bytes) -> None:
     """Readers see the whole file or none of it: locally a hidden temporary file renamed into place;
-    on S3 a single PUT, which S3 makes visible only once complete."""
+    on S3 a single PUT, which S3 makes visible only once complete. A process killed mid-write leaves
+    its temporary file behind: ``remove_temporaries`` clears them before the folder is written again."""
     if is_s3(uri):
         write_bytes(uri, data)
         return
     path = absolute(uri)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     temporary = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
-    with open(temporary, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
+    try:
+        with open(temporary, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+
+
+def remove_temporaries(uri: str) -> int:
+    """Remove the temporary files that killed writers left in the local folder ``uri`` (not below
+    it); returns how many. Only for a folder that no other process is writing to."""
+    if is_s3(uri) or not os.path.isdir(absolute(uri)):
+        return 0  # S3 PUTs leave nothing behind
+    with os.scandir(absolute(uri)) as entries:
+        stale = [e.path for e in entries if TEMPORARY.match(e.name) and e.is_file(follow_symlinks=False)]
+    for path in stale:
+        os.remove(path)
+    return len(stale)

@@ -23,7 +23,7 @@ import pyarrow.fs as pafs
 
 from medray.data import metadata
 from medray.data.manifest import Manifest, write_manifest, write_quarantine
-from medray.io import images, storage
+from medray.io import images, listing, storage
 from medray.io.dicom import DicomError, is_dicom, read_header
 
 log = logging.getLogger("medray.ingest")
@@ -86,14 +86,35 @@ def _is_file(uri: str) -> bool:
 
 class FileIndex:
     """All files under a root, listed once (one S3 listing instead of a request per row) and only
-    when a relative path or a bare name is first looked up."""
+    when a relative path or a bare name is first looked up; listed by medray.io.listing, so entries
+    that are not regular files are not found, and ``reason`` says why."""
 
     def __init__(self, root: str) -> None:
         self.root = root.rstrip("/") if storage.is_s3(root) else storage.absolute(root)
 
     @functools.cached_property
+    def _listing(self) -> list[listing.Entry]:
+        return list(listing.walk(self.root))
+
+    @functools.cached_property
     def files(self) -> set[str]:
-        return set(storage.list_files(self.root))
+        return {entry.uri for entry in self._listing if not entry.skipped}
+
+    @functools.cached_property
+    def skipped(self) -> dict[str, str]:
+        return {entry.uri: entry.skipped for entry in self._listing if entry.skipped}
+
+    def reason(self, uri: str) -> str:
+        """Why ``uri`` was not found: the listing's reason for skipping it or a folder above it, or
+        that it does not exist."""
+        if uri in self.skipped:
+            return self.skipped[uri]
+        folder = storage.parent(uri)
+        while folder.startswith(self.root + "/"):
+            if folder in self.skipped:
+                return f"under {folder}, a {self.skipped[folder]}"
+            folder = storage.parent(folder)
+        return "image file not found"
 
     @functools.cached_property
     def by_name(self) -> dict[str, str]:
