@@ -5,21 +5,13 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
+from checkpoints import saved_checkpoint
 from medray.config import build_config
 from medray.data.manifest import Manifest, write_manifest
 from medray.jobs import evaluate
 from medray.training import checkpoint
-from medray.training.models import build_model
 
 TRAINED_ON = ["Effusion", "Mass"]
-
-
-def saved_checkpoint(directory, labels, task) -> str:
-    model = build_model("resnet18", len(labels), 1)
-    meta = {"backbone": "resnet18", "labels": labels, "task": task, "in_channels": 1, "image_size": 32}
-    directory.mkdir()
-    checkpoint.save(str(directory), {"model": model.state_dict()}, meta)
-    return str(directory)
 
 
 def split_manifest(path, labels, task) -> str:

@@ -256,6 +256,9 @@ class S3Config(_Section):
 
     endpoint_url: str | None = Field(None, description="e.g. http://minio.local:9000")
     region: str | None = None
+    connect_timeout: float = Field(storage.CONNECT_TIMEOUT, gt=0, description="seconds to wait for a connection to the store")
+    read_timeout: float = Field(storage.READ_TIMEOUT, gt=0, description="seconds to wait for each answer of the store")
+    attempts: int = Field(storage.ATTEMPTS, ge=1, le=10, description="tries per request, the first included, before a job fails")
 
 
 class WsiConfig(_Section):
