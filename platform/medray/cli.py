@@ -76,7 +76,7 @@ def _ingest(args, config) -> None:
         raise
     except ValueError as err:  # the adapters (medray.data.datasets) report unusable input as ValueError
         raise DataError(str(err)) from err
-    print(f"{result.balance}\nmanifest: {result.manifest}\nquarantine: {result.quarantine}")
+    print(f"{result.balance}\n{result.pseudonyms}\nmanifest: {result.manifest}\nquarantine: {result.quarantine}")
 
 
 def _ingest_arguments(parser) -> None:

@@ -245,9 +245,14 @@ class IngestConfig(_Section):
     seed: int = 0
     check: bool = Field(True, description="decode every image once and quarantine those that fail")
     dicom_ids: bool | None = Field(None, description="patient/study IDs from DICOM headers; default: only for folder")
-    pseudonymise: bool = Field(False, description="replace patient and study IDs by salted hashes")
+    pseudonymise: bool | None = Field(
+        None, description="IDs → keyed hashes: true all, false none; default: the IDs read from DICOM headers"
+    )
     salt: SecretStr | None = Field(
-        None, exclude=True, description="pseudonym key; default: env MEDRAY_PSEUDONYM_SALT. Never logged, never saved"
+        None, exclude=True, description="pseudonym key; default: env MEDRAY_PSEUDONYM_SALT, else salt_file. Never logged, never saved"
+    )
+    salt_file: str | None = Field(
+        None, description="key file, made once (mode 0600) outside the outputs; default: env MEDRAY_SALT_FILE, else ~/.config/medray/salt"
     )
 
 
