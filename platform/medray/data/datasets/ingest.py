@@ -22,12 +22,13 @@ import pandas as pd
 import pyarrow.fs as pafs
 
 from medray.data import metadata
+from medray.data.datasets import keys
 from medray.data.manifest import Manifest, write_manifest, write_quarantine
 from medray.io import images, listing, storage
 from medray.io.dicom import DicomError, is_dicom, read_header
 
 log = logging.getLogger("medray.ingest")
-SALT_ENV = "MEDRAY_PSEUDONYM_SALT"
+SALT_ENV = keys.SALT_ENV
 
 
 @dataclass
@@ -37,6 +38,7 @@ class IngestResult:
     images: int
     quarantined: int
     rows_in: int = 0
+    pseudonyms: str = ""  # whether the IDs were pseudonymised, and with the key from where (never the key)
 
     @property
     def balance(self) -> str:
@@ -48,16 +50,35 @@ class Options:
     """Adapter-independent ingest options (from the ``ingest`` config section)."""
 
     check: bool = True
-    pseudonymise: bool = False
+    pseudonymise: bool | None = None  # None: the IDs read from DICOM headers; True: every ID; False: none
     salt: str | None = field(default=None, repr=False)  # never printed, never logged
+    salt_file: str | None = None  # the key file when no salt is given (see datasets.keys)
     ids_from_dicom: bool = False  # take patient_id / study_id from DICOM headers
     encoding: str | None = None  # of label CSVs without a byte-order mark (see datasets.encoding)
 
-    def secret(self) -> bytes:
-        salt = self.salt or os.environ.get(SALT_ENV)
-        if not salt:
-            raise ValueError(f"pseudonymisation needs a salt: set ingest.salt in the config or {SALT_ENV}")
-        return salt.encode()
+    def key(self, out: str) -> tuple[bytes | None, str]:
+        """(the pseudonym key, where it came from), or (None, "") when no ID is to be pseudonymised."""
+        if self.pseudonymise is False or (self.pseudonymise is None and not self.ids_from_dicom):
+            return None, ""
+        return keys.resolve(self.salt, self.salt_file, out)
+
+
+def _images(n: int) -> str:
+    return f"{n} image" if n == 1 else f"{n} images"
+
+
+def _pseudonyms(options: Options, keyed_by: str, from_headers: int, images: int) -> str:
+    """What a reader of the manifest must know: are these IDs real ones?"""
+    if options.pseudonymise is False:
+        return "IDs kept as they are (ingest.pseudonymise: false)"
+    if options.pseudonymise:
+        return f"IDs pseudonymised with the key from {keyed_by}"
+    parts = [f"IDs from DICOM headers pseudonymised ({_images(from_headers)}) with the key from {keyed_by}"] if from_headers else []
+    if kept := images - from_headers:
+        parts.append(
+            f"IDs from the table or file names kept as they are ({_images(kept)}; ingest.pseudonymise: true pseudonymises them too)"
+        )
+    return "; ".join(parts)
 
 
 def pseudonym(value: str, salt: bytes) -> str:
@@ -223,7 +244,7 @@ def finish(
 ) -> IngestResult:
     """Refuse what cannot be used, write the manifest and the quarantine, and balance the count."""
     frame = frame.reset_index(drop=True)
-    salt = options.secret() if options.pseudonymise else None
+    salt, keyed_by = options.key(out)
     for column in ("image", "patient_id"):  # an adapter that kept no row returns a frame without columns
         if column not in frame:
             frame[column] = pd.Series(dtype=object)
@@ -255,7 +276,8 @@ def finish(
     frame = frame[~duplicate].reset_index(drop=True)
 
     frame["patient_id"] = frame["patient_id"].astype(str).str.strip()
-    if salt is not None:
+    from_headers = int(frame["_pseudonymised"].sum())
+    if options.pseudonymise:
         fresh = ~frame["_pseudonymised"].to_numpy(dtype=bool)
         frame.loc[fresh, "patient_id"] = [pseudonym(p, salt) for p in frame.loc[fresh, "patient_id"]]
         if "study_id" in frame:
@@ -265,7 +287,8 @@ def finish(
 
     if len(frame) + len(rejects) != rows_in:  # an adapter lost or invented rows: a bug, never a user error
         raise AssertionError(f"{source}: {rows_in} rows in but {len(frame)} kept + {len(rejects)} quarantined")
-    result = IngestResult(out, quarantine_uri(out), len(frame), len(rejects), rows_in)
+    result = IngestResult(out, quarantine_uri(out), len(frame), len(rejects), rows_in,
+                          _pseudonyms(options, keyed_by, from_headers, len(frame)))  # fmt: skip
     write_quarantine(rejects.rows, result.quarantine)
     if frame.empty:
         raise ValueError(f"{source}: no usable rows ({result.balance}; reasons in {result.quarantine})")
@@ -275,4 +298,5 @@ def finish(
         log.warning("labels with no positive image: %s", never)
     log.info("ingested %d images of %d patients", len(frame), frame["patient_id"].nunique())
     log.info("%s (quarantine: %s)", result.balance, result.quarantine)
+    log.info("%s", result.pseudonyms)
     return result
