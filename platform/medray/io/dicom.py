@@ -128,7 +128,8 @@ def _check_size(size: int, max_bytes: int, uri: str, dimensions: tuple | None = 
 
 
 def _unreadable(uri: str, err: Exception) -> DicomError:
-    return DicomError(f"{uri}: unreadable DICOM ({err.__class__.__name__})")
+    what = "corrupt deflate stream" if isinstance(err, zlib.error) else err.__class__.__name__
+    return DicomError(f"{uri}: unreadable DICOM ({what})")
 
 
 def _open(data: bytes, uri: str, max_bytes: int) -> _Source:
