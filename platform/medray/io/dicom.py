@@ -59,9 +59,9 @@ class _Source:
         from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian
 
         self.data, self.options = data, {}
-        meta, _ = _read_meta(data, uri)
+        meta, body = _read_meta(data, uri)
         if meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian:
-            self.data = _inflate(data, uri, max_bytes)
+            self.data = _inflate(memoryview(data)[body:], uri, max_bytes)
             self.options = {"transfer_syntax_uid": ExplicitVRLittleEndian}
             self.dataset = _read_body(self.data)
             meta.TransferSyntaxUID = ExplicitVRLittleEndian
@@ -95,13 +95,12 @@ def _read_body(body: bytes, stop_before_pixels: bool = False):
     return read_dataset(io.BytesIO(body), False, True, stop_when=stop, defer_size=4096)
 
 
-def _inflate(data: bytes, uri: str, max_bytes: int) -> bytes:
-    """The deflated dataset of ``data`` inflated, never beyond a budget: pydicom would inflate all of it
+def _inflate(body: memoryview, uri: str, max_bytes: int) -> bytes:
+    """The deflated dataset ``body`` inflated, never beyond a budget: pydicom would inflate all of it
     before reading a single tag (a 2 MB file of 64 frames of 4096x4096 inflates to 2 GB). The header
     is inflated first and its declared size checked against ``max_bytes``; the rest then inflates to
     at most that size (plus the header window), so a body longer than its header claims is refused too."""
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-    body = memoryview(data)[_read_meta(data, uri)[1] :]
     head = inflater.decompress(body, HEADER_WINDOW)
     try:
         dimensions = _dimensions(_read_body(head, stop_before_pixels=True), uri)
@@ -145,16 +144,10 @@ def _open(data: bytes, uri: str, max_bytes: int) -> _Source:
         raise _unreadable(uri, err) from None
 
 
-def read_header(data: bytes, uri: str, max_bytes: int):
-    """The dataset, its pixels not decoded. Read its values inside ``private()``."""
-    with private():
-        return _open(data, uri, max_bytes).dataset
-
-
 def header_ids(data: bytes, uri: str, max_bytes: int) -> tuple[str, str]:
     """(PatientID, StudyInstanceUID) from the header, "" where absent; the caller pseudonymises them."""
     with private():
-        ds = read_header(data, uri, max_bytes)
+        ds = _open(data, uri, max_bytes).dataset
         try:
             return str(ds.get("PatientID", "") or "").strip(), str(ds.get("StudyInstanceUID", "") or "").strip()
         except Exception as err:  # noqa: BLE001 — a malformed value: its text must not travel
