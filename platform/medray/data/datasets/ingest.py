@@ -25,7 +25,7 @@ from medray.data import metadata
 from medray.data.datasets import keys
 from medray.data.manifest import Manifest, write_manifest, write_quarantine
 from medray.io import images, listing, storage
-from medray.io.dicom import DicomError, is_dicom, read_header
+from medray.io.dicom import header_ids, is_dicom
 
 log = logging.getLogger("medray.ingest")
 SALT_ENV = keys.SALT_ENV
@@ -182,22 +182,23 @@ def parse_binary(value) -> float | None:
     return None
 
 
-def _inspect(uri: str, ids_from_dicom: bool, salt: bytes | None) -> tuple[str, str | None, str | None]:
-    """(reason or "", patient, study): decode fully, then for a DICOM file its header IDs ("" when
-    absent; None for other files). Header IDs leave the worker only as pseudonyms when a salt is set."""
-    try:
-        data = images.read(uri)  # read once: decoded here, and its DICOM header parsed below
-        images.decode(data, uri)
-    except images.ImageError as err:
-        return str(err), None, None
+def _read(uri: str, ids_from_dicom: bool) -> tuple[str | None, str | None]:
+    """Decode fully; then a DICOM file's header IDs ("" when absent), None for other files."""
+    data = images.read(uri)  # read once: decoded here, and its DICOM header parsed below
+    images.decode(data, uri)
     if not ids_from_dicom or not is_dicom(data):
-        return "", None, None
-    try:
-        ds = read_header(data, uri)
-    except DicomError:
-        return "", None, None
-    patient, study = str(ds.get("PatientID", "") or "").strip(), str(ds.get("StudyInstanceUID", "") or "").strip()
-    if salt is not None:
+        return None, None
+    return header_ids(data, uri, images.MAX_BYTES)
+
+
+def _inspect(uri: str, ids_from_dicom: bool, salt: bytes | None) -> tuple[str, str | None, str | None]:
+    """(reason or "", patient, study), by the rule scoring follows too (``images.attempt``): whatever
+    reading the file raises is its reason. Header IDs leave the worker only as pseudonyms when a salt is set."""
+    found = images.attempt(uri, _read, uri, ids_from_dicom)
+    if isinstance(found, str):
+        return found, None, None
+    patient, study = found
+    if salt is not None and patient is not None:
         patient = pseudonym(patient, salt) if patient else ""
         study = pseudonym(study, salt) if study else ""
     return "", patient, study
