@@ -22,6 +22,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/decode_resize.py
 	$(BIN)/python benchmarks/cache_epoch.py
 	$(BIN)/python benchmarks/score_scale.py
+	$(BIN)/python benchmarks/hostile_memory.py
 	$(BIN)/python benchmarks/wsi_extract.py
 	$(BIN)/python benchmarks/patient_bootstrap.py
 	$(BIN)/python benchmarks/gpu_feed.py

@@ -23,41 +23,11 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
+from process_memory import PeakSampler, tree_pss
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def _descendants(root: int) -> list[int]:
-    """``root`` and every process under it, from /proc (Linux; psutil is not a dependency)."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry))
-    found, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        found.append(pid)
-        todo.extend(children.get(pid, []))
-    return found
-
-
-def tree_pss(root: int) -> int:
-    """Bytes: the summed PSS of ``root``'s process tree, shared memory divided among its users."""
-    total = 0
-    for pid in _descendants(root):
-        try:
-            with open(f"/proc/{pid}/smaps_rollup") as f:
-                total += next(int(line.split()[1]) * 1024 for line in f if line.startswith("Pss:"))
-        except (OSError, StopIteration):
-            pass  # exited meanwhile
-    return total
 
 
 def medray_run(args) -> None:
@@ -69,29 +39,19 @@ def medray_run(args) -> None:
     from medray.config import build_config
     from medray.scoring.score import score
 
-    me, peak, done = os.getpid(), [0], threading.Event()
-
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], tree_pss(me))
-            time.sleep(0.5)
-
     ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, logging_level=logging.WARNING)
     ray.data.DataContext.get_current().enable_progress_bars = False
-    idle = tree_pss(me)
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
+    idle = tree_pss(os.getpid())
     config = build_config({"storage": args.out, "score": {
         "input": args.folder, "output": os.path.join(args.out, "scores"), "checkpoint": args.checkpoint,
         "batch_size": args.batch_size, "actors": args.actors, "cpus_per_actor": args.cpus / args.actors,
         "part_size": args.part_size}})  # fmt: skip
-    start = time.perf_counter()
-    summary = score(config)
-    seconds = time.perf_counter() - start
-    done.set()
-    sampler.join()
+    with PeakSampler() as memory:
+        start = time.perf_counter()
+        summary = score(config)
+        seconds = time.perf_counter() - start
     ray.shutdown()
-    print(json.dumps({"inputs": summary.inputs, "errors": summary.errors, "seconds": seconds, "peak_pss": peak[0], "idle_pss": idle}))
+    print(json.dumps({"inputs": summary.inputs, "errors": summary.errors, "seconds": seconds, "peak_pss": memory.peak, "idle_pss": idle}))
 
 
 def plain_loop(paths: list[str], checkpoint_uri: str, batch_size: int) -> float:

@@ -9,6 +9,20 @@ import pytest
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def pseudonym_key_file(tmp_path_factory):
+    """Ingests in tests (and the commands they start) keep their pseudonym key in a temporary folder,
+    never in the user's ~/.config/medray/salt."""
+    path = tmp_path_factory.mktemp("pseudonym-key") / "salt"
+    saved = os.environ.get("MEDRAY_SALT_FILE")
+    os.environ["MEDRAY_SALT_FILE"] = str(path)
+    yield path
+    if saved is None:
+        os.environ.pop("MEDRAY_SALT_FILE", None)
+    else:
+        os.environ["MEDRAY_SALT_FILE"] = saved
+
+
 @pytest.fixture(scope="session")
 def s3():
     """A real S3 API on 127.0.0.1, started before Ray so that Ray's workers inherit its endpoint."""

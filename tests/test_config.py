@@ -117,3 +117,72 @@ def test_a_malformed_salt_is_not_echoed():
     with pytest.raises(ConfigError, match="ingest.salt") as err:
         build_config({"ingest": {"salt": 271828182845}})
     assert "271828182845" not in str(err.value)
+
+
+SALT = "s3cr3t-salt-of-the-data-steward"
+
+
+@pytest.mark.parametrize(
+    "raw, overrides",
+    [
+        ({"ingest": {"salt": [SALT]}}, []),  # a salt of the wrong type
+        ({"ingest": {"salt": {"value": SALT}}}, []),
+        ({"ingest": {"slat": SALT}}, []),  # a misspelt key: its value is a secret all the same
+        ({"ingest": f"salt {SALT}"}, []),  # a section written as a string
+        ({}, [f"ingest.salt:{SALT}"]),  # a malformed --set
+        ({}, [SALT]),
+        ({}, [f"ingest.salt=[{SALT}"]),  # a --set value that is not YAML
+        ({}, [f"ingest.slat={SALT}"]),
+        ({"s3": {"access_key": SALT, "session_token": SALT}}, []),
+    ],
+)
+def test_a_config_error_never_shows_a_secret(raw, overrides):
+    with pytest.raises(ConfigError) as err:
+        build_config(raw, overrides, source="job.yaml")
+    assert SALT not in str(err.value) and "s3cr3t" not in str(err.value)
+
+
+def test_a_misspelt_key_is_named_with_the_field_it_resembles():
+    with pytest.raises(ConfigError) as err:
+        build_config({"ingest": {"slat": SALT}}, source="job.yaml")
+    assert str(err.value) == "invalid config job.yaml: ingest.slat: unknown field (did you mean ingest.salt?)"
+
+
+def test_a_yaml_syntax_error_names_the_line_but_does_not_quote_it(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text(f"ingest:\n  salt: {SALT}: x\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(str(path))
+    assert str(err.value) == f"{path} is not valid YAML: mapping values are not allowed here (line 2, column {len(SALT) + 9})"
+
+
+@pytest.mark.timeout(20)
+def test_a_yaml_alias_bomb_is_refused_before_it_is_expanded(tmp_path):
+    # A "billion laughs": 9 levels of 9 aliases, 1 KB on disk, 9**9 values when expanded.
+    levels = ["a0: &a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    levels += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 10)]
+    path = tmp_path / "laughs.yaml"
+    path.write_text("\n".join(["ingest:", *(f"  {line}" for line in levels)]) + "\n")
+    assert path.stat().st_size < 1500
+    with pytest.raises(ConfigError) as err:
+        load_config(str(path))
+    assert str(err.value) == f"{path} is refused: its aliases expand to more than 100,000 values (an alias bomb?)"
+    with pytest.raises(ConfigError, match="--set ingest.labels: the value is not valid YAML .*alias bomb"):
+        build_config(overrides=["ingest.labels=" + "{" + ", ".join(levels) + "}"])
+
+
+def test_a_recursive_yaml_alias_is_refused(tmp_path):
+    path = tmp_path / "loop.yaml"
+    path.write_text("ingest: &loop {labels: [*loop]}\n")
+    with pytest.raises(ConfigError, match="refers to a node that contains it"):
+        load_config(str(path))
+
+
+def test_a_config_error_stays_short_however_large_the_bad_values():
+    huge = {"train": {"epochs": "9" * 100_000, "lr": list(range(100_000))}, "tracking": {f"key{i}": i for i in range(1000)}}
+    with pytest.raises(ConfigError) as err:
+        build_config(huge, source="job.yaml")
+    message = str(err.value)
+    assert len(message) <= 2000 and "\n" not in message
+    assert "train.epochs" in message and "train.lr: Input should be a valid number (got a list)" in message
+    assert message.endswith("and 992 more")

@@ -52,12 +52,12 @@ def test_a_multi_frame_file_decodes_its_first_frame_only():
 @pytest.mark.parametrize(
     "pixels, why",
     [
-        (np.stack([gradient(32)] * 4), "4 frame(s) of 32x32 pixels x 1 sample(s) x 1 byte(s)"),
-        (gradient(32, np.uint16), "1 frame(s) of 32x32 pixels x 1 sample(s) x 2 byte(s)"),
+        (np.stack([gradient(32)] * 4), "4 frame(s) of 32x32 pixels x 1 sample(s) x 1 byte(s) = 4096 bytes of pixel data"),
+        (gradient(32, np.uint16), "1 frame(s) of 32x32 pixels x 1 sample(s) x 2 byte(s) = 2048 bytes of pixel data"),
     ],
 )
 def test_a_file_over_the_limit_by_its_frames_or_bytes_is_refused_before_decoding(pixels, why):
     limit = 1500  # one 8-bit 32x32 frame (1024) fits
-    assert decode(to_bytes(dataset(gradient(32))), "one.dcm", max_pixels=limit).shape == (32, 32)
+    assert decode(to_bytes(dataset(gradient(32))), "one.dcm", max_bytes=limit).shape == (32, 32)
     with pytest.raises(ImageError, match=re.escape(f"big.dcm: {why} exceeds the limit of {limit}")):
-        decode(to_bytes(dataset(pixels, "MONOCHROME2", pixels.dtype.itemsize * 8)), "big.dcm", max_pixels=limit)
+        decode(to_bytes(dataset(pixels, "MONOCHROME2", pixels.dtype.itemsize * 8)), "big.dcm", max_bytes=limit)

@@ -16,6 +16,7 @@ from medray.data.labels import attach
 from medray.data.manifest import read_manifest, write_manifest
 from medray.evaluation.compare import compare
 from medray.evaluation.evaluate import evaluate
+from medray.evaluation.explain import overlay_name
 from medray.evaluation.metrics import predictive_values
 from medray.training.trainer import train
 
@@ -120,7 +121,7 @@ def test_medray_explain_writes_a_gradcam_overlay_per_image_and_label(evaluated, 
     images = sorted((demo_dir / "images").glob("*.png"))[:2]
     main(["explain", config.run_dir, *map(str, images), "--out", str(tmp_path), "--labels", "Mass,Effusion"])
     written = sorted(p.name for p in tmp_path.glob("*.png"))
-    assert written == sorted(f"{i.stem}.gradcam.{label}.png" for i in images for label in ("Mass", "Effusion"))
+    assert written == sorted(overlay_name(str(i), label) for i in images for label in ("Mass", "Effusion"))
     from PIL import Image
 
     overlay = np.asarray(Image.open(tmp_path / written[0]))

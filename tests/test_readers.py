@@ -109,7 +109,7 @@ def test_jpeg_baseline_dicom_decodes():
 
 def test_dicom_over_the_pixel_limit_is_refused_before_decoding():
     with pytest.raises(ImageError, match="exceeds the limit"):
-        decode(to_bytes(dataset(gradient(64))), "big.dcm", max_pixels=1000)
+        decode(to_bytes(dataset(gradient(64))), "big.dcm", max_bytes=1000)
 
 
 def test_multi_frame_dicom_gives_its_first_frame():

@@ -42,25 +42,25 @@ def test_a_saved_config_gives_the_same_pseudonyms_only_with_the_real_salt_again(
 
     save_config(config, str(tmp_path / "ingest.config.yaml"))
     saved = (tmp_path / "ingest.config.yaml").read_text()
-    assert "salt" not in saved and SALT not in saved and "pseudonymise: true" in saved
+    assert "  salt:" not in saved and SALT not in saved and "pseudonymise: true" in saved
     rerun = load_config(str(tmp_path / "ingest.config.yaml"))
 
-    with pytest.raises(ValueError, match=f"needs a salt: set ingest.salt in the config or {SALT_ENV}"):
-        ingest(table, str(tmp_path / "unsalted.parquet"), rerun.ingest)
+    # Without the salt, the key file's own random key is used: other pseudonyms, never the first ones.
+    monkeypatch.setenv("MEDRAY_SALT_FILE", str(tmp_path / "keys" / "salt"))
+    assert pseudonyms(table, str(tmp_path / "unsalted.parquet"), rerun) != first
     monkeypatch.setenv(SALT_ENV, "a-guess")
     assert pseudonyms(table, str(tmp_path / "guessed.parquet"), rerun) != first
     monkeypatch.setenv(SALT_ENV, SALT)
     assert pseudonyms(table, str(tmp_path / "again.parquet"), rerun) == first
+    assert ingest(table, str(tmp_path / "said.parquet"), rerun.ingest).pseudonyms == f"IDs pseudonymised with the key from {SALT_ENV}"
 
 
-def test_the_command_line_refuses_to_pseudonymise_without_a_salt_in_one_line(table, tmp_path):
-    env = {k: v for k, v in os.environ.items() if k != SALT_ENV}
+def test_the_command_line_says_which_key_it_used_never_the_key(table, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != SALT_ENV} | {"MEDRAY_SALT_FILE": str(tmp_path / "keys" / "salt")}
     command = [sys.executable, "-m", "medray", "ingest", table, str(tmp_path / "m.parquet"), "--format", "csv",
-               "--set", "ingest.columns.labels=[Mass]", "--set", "ingest.pseudonymise=true", "--set", f"storage={tmp_path}"]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert (
-        result.stderr.strip().splitlines()[-1]
-        == f"medray ingest: pseudonymisation needs a salt: set ingest.salt in the config or {SALT_ENV}"
-    )
-    assert not (tmp_path / "m.parquet").exists()
+               "--set", "ingest.columns.labels=[Mass]", "--set", "ingest.pseudonymise=true"]  # fmt: skip
+    unsalted = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert unsalted.returncode == 0, unsalted.stderr[-3000:]
+    assert f"IDs pseudonymised with the key from {tmp_path / 'keys' / 'salt'}" in unsalted.stdout.splitlines()
+    key = (tmp_path / "keys" / "salt").read_text().strip()
+    assert key not in unsalted.stdout + unsalted.stderr

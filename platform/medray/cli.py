@@ -76,7 +76,7 @@ def _ingest(args, config) -> None:
         raise
     except ValueError as err:  # the adapters (medray.data.datasets) report unusable input as ValueError
         raise DataError(str(err)) from err
-    print(f"{result.balance}\nmanifest: {result.manifest}\nquarantine: {result.quarantine}")
+    print(f"{result.balance}\n{result.pseudonyms}\nmanifest: {result.manifest}\nquarantine: {result.quarantine}")
 
 
 def _ingest_arguments(parser) -> None:
@@ -394,13 +394,25 @@ def _execute(verb: str, args: argparse.Namespace) -> None:
 
             save_config(config, storage.join(config.run_dir, f"{verb}.config.yaml"))
         command.run(args, config)
-    except (MedrayError, FileNotFoundError) as err:
-        if args.debug:
+    except Exception as err:
+        mistake = _user_error(err)
+        if mistake is None or args.debug:
             raise
-        # A missing file the user named is a usage error too; its message names the path.
-        code = getattr(err, "exit_code", 2)
-        print(f"medray {verb}: {err}", file=sys.stderr)
-        raise SystemExit(code) from None
+        print(f"medray {verb}: {mistake}", file=sys.stderr)
+        raise SystemExit(getattr(mistake, "exit_code", 2)) from None
+
+
+def _user_error(err: Exception) -> Exception | None:
+    """The user's mistake behind ``err``, or None for a bug. A missing file the user named is a usage error
+    too (its message names the path), and so is an S3 store that does not answer, wherever it was called."""
+    cause = getattr(err, "cause", None)  # a Ray task's error carries the one raised in the worker
+    if isinstance(cause, Exception):
+        err = cause
+    if isinstance(err, (MedrayError, FileNotFoundError)):
+        return err
+    from medray.io.storage import as_store_error
+
+    return as_store_error(err)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3,11 +3,17 @@
 Every section rejects unknown keys, so a typo is an error that names the field instead of a
 setting that silently does nothing. Local paths are made absolute when the config is loaded,
 because Ray workers do not run in the directory the user typed the command in.
+
+A config error is one bounded line: field paths, and bad values only when they are short scalars
+outside any secret-looking field (salt, key, token, password). The value of an unknown key is never
+shown, since a misspelt secret (``slat:``) is still a secret. YAML whose aliases expand past
+``MAX_YAML_NODES`` values (a "billion laughs") is refused before anything is built from it.
 """
 
 from __future__ import annotations
 
 import codecs
+import difflib
 import re
 from typing import Annotated, Literal
 
@@ -26,8 +32,15 @@ from pydantic import (
 from medray.choices import BACKBONE_NAMES, augment_params
 from medray.errors import MedrayError
 from medray.io import storage
+from medray.io.listing import IMAGE_EXTENSIONS
 
 Uri = Annotated[str, AfterValidator(storage.absolute)]
+
+MAX_CONFIG_BYTES = 1_000_000
+MAX_YAML_NODES = 100_000  # a real config has a few hundred values; an alias bomb expands to billions
+MAX_MESSAGE = 2000  # characters of a config error
+SHOWN = 40  # characters of a bad value, or of a key, shown in a config error
+SECRET = re.compile(r"salt|secret|token|passw|key|credential", re.IGNORECASE)
 
 
 def _codec(name: str) -> str:
@@ -193,7 +206,7 @@ class ScoreConfig(_Section):
     cpus_per_actor: float = Field(1.0, gt=0, description="CPU actors: torch threads each; the other CPUs decode images")
     part_size: int = Field(1000, ge=1, description="inputs per output part; a rerun skips committed parts")
     extensions: list[str] = Field(
-        [".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm"], description="files scored when listing a folder or prefix"
+        list(IMAGE_EXTENSIONS), description="files scored when listing a folder or prefix (the same list ingest uses)"
     )
     gradcam_threshold: float | None = Field(
         None, gt=0, lt=1, description="write Grad-CAM PNGs (<output>/_gradcam/) for inputs with a probability at or above this"
@@ -246,9 +259,14 @@ class IngestConfig(_Section):
     seed: int = 0
     check: bool = Field(True, description="decode every image once and quarantine those that fail")
     dicom_ids: bool | None = Field(None, description="patient/study IDs from DICOM headers; default: only for folder")
-    pseudonymise: bool = Field(False, description="replace patient and study IDs by salted hashes")
+    pseudonymise: bool | None = Field(
+        None, description="IDs → keyed hashes: true all, false none; default: the IDs read from DICOM headers"
+    )
     salt: SecretStr | None = Field(
-        None, exclude=True, description="pseudonym key; default: env MEDRAY_PSEUDONYM_SALT. Never logged, never saved"
+        None, exclude=True, description="pseudonym key; default: env MEDRAY_PSEUDONYM_SALT, else salt_file. Never logged, never saved"
+    )
+    salt_file: str | None = Field(
+        None, description="key file, made once (mode 0600) outside the outputs; default: env MEDRAY_SALT_FILE, else ~/.config/medray/salt"
     )
 
 
@@ -257,6 +275,9 @@ class S3Config(_Section):
 
     endpoint_url: str | None = Field(None, description="e.g. http://minio.local:9000")
     region: str | None = None
+    connect_timeout: float = Field(storage.CONNECT_TIMEOUT, gt=0, description="seconds to wait for a connection to the store")
+    read_timeout: float = Field(storage.READ_TIMEOUT, gt=0, description="seconds to wait for each answer of the store")
+    attempts: int = Field(storage.ATTEMPTS, ge=1, le=10, description="tries per request, the first included, before a job fails")
 
 
 class WsiConfig(_Section):
@@ -310,20 +331,79 @@ class JobConfig(_Section):
         return self.data.manifest or storage.join(self.run_dir, "data", "manifest.parquet")
 
 
+class _TooLarge(yaml.YAMLError):
+    pass
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """``yaml.safe_load``, refusing a document whose aliases expand past ``MAX_YAML_NODES`` values. Aliases
+    share one object, so the document itself is small, but validating or printing it walks every copy."""
+
+    def compose_document(self):
+        node = super().compose_document()
+        if node is not None:
+            _expanded_size(node, {}, set())
+        return node
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int], open_: set[int]) -> int:
+    """Values in ``node`` with every alias expanded; each distinct node is counted once, so this is quick."""
+    if id(node) in sizes:
+        return sizes[id(node)]
+    if id(node) in open_:
+        raise _TooLarge("an alias refers to a node that contains it (a recursive structure)")
+    open_.add(id(node))
+    children = node.value if isinstance(node, yaml.SequenceNode) else []
+    if isinstance(node, yaml.MappingNode):
+        children = [child for pair in node.value for child in pair]
+    total = 1
+    for child in children:
+        total += _expanded_size(child, sizes, open_)
+        if total > MAX_YAML_NODES:
+            raise _TooLarge(f"its aliases expand to more than {MAX_YAML_NODES:,} values (an alias bomb?)")
+    open_.discard(id(node))
+    sizes[id(node)] = total
+    return total
+
+
+def _load_yaml(text: str):
+    try:
+        return yaml.load(text, Loader=_BoundedLoader)  # noqa: S506 - a SafeLoader with a size limit
+    except RecursionError:
+        raise _TooLarge("it is nested too deeply") from None
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """What is wrong and where, without PyYAML's snippet of the offending line: that line may hold a secret."""
+    if isinstance(err, yaml.MarkedYAMLError) and err.problem:
+        mark = err.problem_mark
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        return _cut(err.problem, 120) + where
+    return _cut(str(err).splitlines()[0] if str(err) else type(err).__name__, 120)
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def parse_overrides(pairs: list[str]) -> dict:
     """``["train.epochs=3", "model.backbone=densenet121"]`` → nested dict; values parsed as YAML."""
     nested: dict = {}
-    for pair in pairs:
+    for number, pair in enumerate(pairs, 1):
         key, sep, value = pair.partition("=")
         if not sep or not re.fullmatch(r"[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*", key):
-            raise ConfigError(f"--set expects section.key=value, got {pair!r}")
+            # Not echoed: a malformed pair may be a secret (``ingest.salt:...``, or a salt given without its key).
+            raise ConfigError(f"--set expects section.key=value, e.g. train.epochs=3; --set number {number} is not of that form")
         node = nested
         *parents, leaf = key.split(".")
         for part in parents:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {key}: {part!r} is not a section")
-        node[leaf] = yaml.safe_load(value) if value else None
+        try:
+            node[leaf] = _load_yaml(value) if value else None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--set {key}: the value is not valid YAML ({_yaml_problem(err)})") from None
     return nested
 
 
@@ -334,15 +414,44 @@ def merge(base: dict, update: dict) -> dict:
     return merged
 
 
+def _known(loc: tuple) -> list[str]:
+    """The field names at the level of ``loc``'s last part: what a misspelt key was probably meant to be."""
+    model: type[BaseModel] = JobConfig
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = field.annotation if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def _shown(value) -> str | None:
+    """A bad value as an error shows it: a short scalar, a container by its type, a mapping not at all."""
+    if isinstance(value, dict):
+        return None
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return _cut(repr(value), SHOWN)
+    return f"a {type(value).__name__}"
+
+
+def _problem(err: dict) -> str:
+    loc = tuple(_cut(str(p), SHOWN) for p in err["loc"])
+    where = ".".join(loc) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        close = difflib.get_close_matches(loc[-1], _known(loc), n=1)
+        return f"{where}: unknown field" + (f" (did you mean {'.'.join((*loc[:-1], close[0]))}?)" if close else "")
+    secret = any(SECRET.search(p) for p in loc)
+    shown = None if secret or err["type"] in ("missing", "model_type") else _shown(err["input"])
+    return f"{where}: {_cut(err['msg'], 200)}" + (f" (got {shown})" if shown else "")
+
+
 def _describe(error: ValidationError, source: str) -> str:
-    """One line: each bad field, what is wrong with it and the value given."""
-    problems = []
-    for err in error.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        hidden = err["type"] == "missing" or "salt" in err["loc"]  # a secret is never echoed, even a malformed one
-        got = "" if hidden else f" (got {err['input']!r})"
-        problems.append(f"{where}: {err['msg']}{got}")
-    return f"invalid config {source}: " + "; ".join(problems)
+    """One bounded line: each bad field, what is wrong with it and, when it is safe and short, the value given."""
+    problems = [_problem(err) for err in error.errors()[:10]]
+    if error.error_count() > 10:
+        problems.append(f"and {error.error_count() - 10} more")
+    return _cut(f"invalid config {source}: " + "; ".join(problems), MAX_MESSAGE)
 
 
 def build_config(raw: dict | None = None, overrides: list[str] | None = None, source: str = "") -> JobConfig:
@@ -357,11 +466,19 @@ def load_config(path: str | None, overrides: list[str] | None = None) -> JobConf
     raw = {}
     if path:
         try:
-            raw = yaml.safe_load(storage.read_text(path)) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path} is not valid YAML: {err}") from None
+            text = storage.read_text(path)
         except FileNotFoundError:
             raise ConfigError(f"config file {path} does not exist") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path} is not a UTF-8 text file") from None
+        if len(text) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path} is larger than {MAX_CONFIG_BYTES:,} characters: not a config file")
+        try:
+            raw = _load_yaml(text) or {}
+        except _TooLarge as err:
+            raise ConfigError(f"{path} is refused: {err}") from None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path} is not valid YAML: {_yaml_problem(err)}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path} must hold a mapping of sections, got {type(raw).__name__}")
     return build_config(raw, overrides, source=path or "(defaults)")

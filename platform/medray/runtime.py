@@ -22,7 +22,8 @@ def start(config: JobConfig | str | None = None, overrides: list[str] | None = N
         config = load_config(config, overrides)
     elif overrides:
         raise TypeError("overrides apply to a config file; edit a JobConfig with model_copy(update=...)")
-    storage.configure_s3(config.s3.endpoint_url, config.s3.region)
+    s3 = config.s3
+    storage.configure_s3(s3.endpoint_url, s3.region, s3.connect_timeout, s3.read_timeout, s3.attempts)
     if ray:
         init_ray()
     return config

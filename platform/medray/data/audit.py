@@ -89,7 +89,7 @@ def _thumb_batch(batch: dict) -> dict:
     for i, uri in enumerate(batch["image"]):
         try:
             pixels[i] = images.load(str(uri), THUMB, 1)
-        except images.ImageError:
+        except Exception:  # noqa: BLE001 — whatever reading one input raises, it has no thumbnail
             ok[i] = False
     return {"row": batch["row"], "pixels": pixels, "ok": ok}
 

@@ -67,8 +67,8 @@ def _decode_rows(batch: dict, size: int, channels: int) -> dict:
     for i, uri in enumerate(batch["image"]):
         try:
             pixels[i] = images.load(str(uri), size, channels)
-        except images.ImageError as err:
-            errors[i] = str(err)
+        except Exception as err:  # noqa: BLE001 — whatever reading one input raises is its error (images.failure)
+            errors[i] = images.failure(str(uri), err)
     # Raw bytes, one value per row: Parquet decodes a binary column at memory speed, whereas a list
     # column carries a repetition level per pixel and reads several times slower.
     raw = np.empty(n, dtype=object)

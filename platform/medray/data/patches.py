@@ -56,8 +56,8 @@ def decode_patches(encoded, size: int, channels: int) -> tuple[np.ndarray, np.nd
     for i, data in enumerate(encoded):
         try:
             pixels[i] = images.decode(data, "patch", size, channels)
-        except images.ImageError as err:
-            log.warning("skipping unreadable patch: %s", err)
+        except Exception as err:  # noqa: BLE001 — whatever reading one input raises is its error (images.failure)
+            log.warning("skipping unreadable patch: %s", images.failure("patch", err))
             bad[i] = True
     return pixels, bad
 

@@ -37,8 +37,8 @@ def _decode_batch(batch: dict, labels: list[str], size: int, channels: int) -> d
     for i, uri in enumerate(batch["image"]):
         try:
             pixels[i] = images.load(str(uri), size, channels)
-        except images.ImageError as err:
-            log.warning("skipping unreadable image: %s", err)
+        except Exception as err:  # noqa: BLE001 — whatever reading one input raises is its error (images.failure)
+            log.warning("skipping unreadable image: %s", images.failure(str(uri), err))
             targets[i] = np.nan
             bad[i] = True
     out = {"image": pixels, "labels": targets, "unreadable": bad}

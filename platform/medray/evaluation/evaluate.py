@@ -180,7 +180,8 @@ def evaluate(config: JobConfig) -> Evaluation:
     if config.data.fold is not None:  # thresholds on the fold the model was validated on
         manifest.frame = splits.fold_view(manifest.frame, config.data.fold)
     labels, probs, task = manifest.labels, prob_columns(manifest.labels), manifest.task
-    check_prevalence(labels, e.deployment_prevalence)  # before the slow part
+    checkpoint.check_fits(checkpoint_uri, labels, task, config.manifest)  # before the slow part
+    check_prevalence(labels, e.deployment_prevalence)
     frame = manifest.frame
     columns = ["image", "split", *labels, *(c for c in frame if c in METADATA or c.startswith(VOTE_PREFIXES))]
     held_out = frame[frame["split"].isin(["val", "test"])][columns]

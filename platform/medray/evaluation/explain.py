@@ -11,6 +11,7 @@ for shortcuts (a marker, a necklace, the text on a film), not an explanation a c
 
 from __future__ import annotations
 
+import hashlib
 import io
 import posixpath
 
@@ -82,18 +83,24 @@ def overlays(checkpoint_uri: str, image_uris: list[str], label: str, explainer: 
     return [overlay(p, m) for p, m in zip(pixels, explainer.heatmaps(pixels, label))]
 
 
+def overlay_name(image_uri: str, label: str) -> str:
+    """``<image stem>.<8 hex digits>.gradcam.<label>.png``: the digits (of the image's full URI) keep
+    same-named images of different folders (``a/1.png``, ``b/1.png``) from overwriting each other."""
+    stem = posixpath.splitext(posixpath.basename(str(image_uri)))[0]
+    return f"{stem}.{hashlib.sha256(str(image_uri).encode()).hexdigest()[:8]}.gradcam.{label}.png"
+
+
 def write_overlays(checkpoint_uri: str, image_uris: list[str], out_dir: str, labels: list[str] | None = None) -> list[str]:
-    """``<out_dir>/<image stem>.gradcam.<label>.png`` for each image and label (default: all the
-    model's labels); returns the written URIs. Usable locally and with ``s3://``."""
+    """``<out_dir>/<overlay_name>`` for each image and label (default: all the model's labels);
+    returns the written URIs. Usable locally and with ``s3://``."""
     explainer = Explainer(checkpoint_uri)
     written = []
     if not image_uris:
         return written
     pixels = np.stack([explainer.load(uri) for uri in image_uris])  # decoded once, explained per label
-    stems = [posixpath.splitext(posixpath.basename(uri))[0] for uri in image_uris]
     for label in labels or explainer.meta["labels"]:
-        for stem, image, heat in zip(stems, pixels, explainer.heatmaps(pixels, label)):
-            target = storage.join(out_dir, f"{stem}.gradcam.{label}.png")
+        for uri, image, heat in zip(image_uris, pixels, explainer.heatmaps(pixels, label)):
+            target = storage.join(out_dir, overlay_name(uri, label))
             storage.write_bytes(target, overlay(image, heat))
             written.append(target)
     return written

@@ -22,14 +22,10 @@ DECODE_BATCH = 32  # rows per decoding task: small enough to spread over every C
 
 
 def _load(source, uri: str, size: int, channels: int, encoded: bool) -> np.ndarray | str:
-    try:
-        if encoded:
-            return images.decode(source, uri, size, channels)
-        return images.load(str(source), size, channels)
-    except images.ImageError as err:
-        return str(err)
-    except Exception as err:  # noqa: BLE001 — one odd file must not fail the batch; no content in its reason
-        return f"{uri}: cannot be decoded ({err.__class__.__name__})"
+    """The pixels, or the reason there are none: ingest's rule (``images.attempt``), so one odd file never fails the batch."""
+    if encoded:
+        return images.attempt(uri, images.decode, source, uri, size, channels)
+    return images.attempt(uri, images.load, str(source), size, channels)
 
 
 def decode_batch(batch: dict, size: int, channels: int, encoded: str | None = None) -> dict:

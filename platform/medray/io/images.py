@@ -1,7 +1,10 @@
 """Decoding one image into the grayscale uint8 array the models take.
 
-A pixel limit is checked from the header, before any pixel is decoded, so a decompression bomb
-costs nothing. 16-bit images are scaled to 8 bits by their own range. The format is sniffed from
+A size limit is checked from the header, before any pixel is decoded, so a decompression bomb
+costs nothing: the bytes the decoded image would take (rows × columns × frames × samples × bytes
+per sample), so that 16-bit, colour and multi-frame images count for what they cost. Whatever
+reading one input raises becomes that input's error (``attempt``), the one rule of ingest and
+scoring. 16-bit images are scaled to 8 bits by their own range. The format is sniffed from
 the bytes, not the file name: DICOM by its ``DICM`` preamble (decoded by medray.io.dicom, with its
 LUTs and windowing), everything else by Pillow (PNG, JPEG, TIFF, 8 or 16 bit, grayscale or RGB).
 """
@@ -9,32 +12,42 @@ LUTs and windowing), everything else by Pillow (PNG, JPEG, TIFF, 8 or 16 bit, gr
 from __future__ import annotations
 
 import io
+import warnings
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageMode, UnidentifiedImageError
 
 from medray.errors import MedrayError
 from medray.io import storage
 from medray.io.dicom import DicomError, decode_dicom, is_dicom
 
-MAX_PIXELS = 20_000 * 20_000
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", ".dicom")
+MAX_BYTES = 256 * 1024 * 1024  # decoded size of one input: a 16-bit 11,500² image, 8-bit RGB 9,400², 512 CT slices of 512²
 
 
 class ImageError(MedrayError, ValueError):
     """An image that cannot be used; the message names its URI and what is wrong."""
 
 
-def _open(data: bytes, uri: str, max_pixels: int) -> Image.Image:
+def _decoded_bytes(image: Image.Image) -> int:
+    """What ``image``'s first frame takes once decoded, from its header: Pillow's own bomb guard counts pixels only."""
+    mode = ImageMode.getmode(image.mode)
+    width, height = image.size
+    return width * height * len(mode.bands) * np.dtype(mode.typestr).itemsize
+
+
+def _open(data: bytes, uri: str, max_bytes: int) -> Image.Image:
     try:
-        image = Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():  # its warning is moot: the size is checked below, in bytes
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError:
         raise ImageError(f"{uri}: pixel count exceeds the limit (decompression bomb guard)") from None
     except (UnidentifiedImageError, OSError) as err:
         raise ImageError(f"{uri}: not a readable image ({err.__class__.__name__})") from None
-    width, height = image.size
-    if width * height > max_pixels:
-        raise ImageError(f"{uri}: {width}x{height} pixels exceeds the limit of {max_pixels}")
+    size = _decoded_bytes(image)
+    if size > max_bytes:
+        width, height = image.size
+        raise ImageError(f"{uri}: {width}x{height} pixels of mode {image.mode} = {size} bytes exceeds the limit of {max_bytes}")
     return image
 
 
@@ -42,7 +55,13 @@ def _to_8bit(image: Image.Image) -> Image.Image:
     """8-bit ``L`` or ``RGB``; 16-bit and float images are scaled by their own range."""
     if image.mode in ("RGB", "RGBA", "P", "CMYK", "YCbCr"):
         return image.convert("RGB")
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+    if image.mode in ("I;16", "I;16B", "I;16L"):  # through a 65,536-entry table: no float copy of the image
+        pixels = np.asarray(image)
+        lo, hi = float(pixels.min()), float(pixels.max())
+        levels = np.arange(65_536, dtype=np.float32)
+        table = (levels - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(levels)
+        return Image.fromarray(np.clip(table, 0, 255).astype(np.uint8)[pixels])
+    if image.mode in ("I", "F"):
         pixels = np.asarray(image, dtype=np.float32)
         lo, hi = float(pixels.min()), float(pixels.max())
         scaled = (pixels - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(pixels)
@@ -50,17 +69,17 @@ def _to_8bit(image: Image.Image) -> Image.Image:
     return image.convert("L")
 
 
-def decode(data: bytes, uri: str, size: int | None = None, channels: int = 1, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+def decode(data: bytes, uri: str, size: int | None = None, channels: int = 1, max_bytes: int = MAX_BYTES) -> np.ndarray:
     """Encoded bytes → ``(H, W)`` (1 channel) or ``(H, W, 3)`` uint8, resized to ``size × size`` when given."""
     if not data:
         raise ImageError(f"{uri}: empty file (0 bytes)")
     if is_dicom(data):
         try:
-            image = Image.fromarray(decode_dicom(data, uri, max_pixels))
+            image = Image.fromarray(decode_dicom(data, uri, max_bytes))
         except DicomError as err:
             raise ImageError(str(err)) from None
     else:
-        image = _open(data, uri, max_pixels)
+        image = _open(data, uri, max_bytes)
     try:
         if size is not None and image.format == "JPEG":
             image.draft("L" if channels == 1 else "RGB", (size, size))  # let libjpeg decode at reduced scale
@@ -78,6 +97,8 @@ def read(uri: str) -> bytes:
         return storage.read_bytes(uri)
     except FileNotFoundError:
         raise ImageError(f"{uri}: image file not found") from None
+    except storage.NotRegularFileError as err:
+        raise ImageError(str(err)) from None
     except OSError as err:
         raise ImageError(f"{uri}: cannot be read ({err.__class__.__name__})") from None
 
@@ -86,10 +107,26 @@ def load(uri: str, size: int | None = None, channels: int = 1) -> np.ndarray:
     return decode(read(uri), uri, size, channels)
 
 
+def failure(uri: str, err: Exception) -> str:
+    """The recorded error of one input whose reading raised ``err``: our own messages as they are, any
+    other exception by its class name only (its text may quote a header value)."""
+    if isinstance(err, MedrayError):
+        return str(err)
+    if isinstance(err, MemoryError):
+        return f"{uri}: too large to decode in the memory left (MemoryError)"
+    return f"{uri}: cannot be decoded ({err.__class__.__name__})"
+
+
+def attempt(uri: str, read, *args, **kwargs):
+    """``read(*args, **kwargs)``, or the reason it failed as a string: one bad input never fails a
+    batch, a task or a job. KeyboardInterrupt and SystemExit are not an input's fault and go on."""
+    try:
+        return read(*args, **kwargs)
+    except Exception as err:  # noqa: BLE001 — whatever reading one input raises is that input's error
+        return failure(uri, err)
+
+
 def probe(uri: str) -> str | None:
     """Why ``uri`` cannot be used, or None: a full decode, so truncated files are caught too."""
-    try:
-        load(uri, size=None)
-    except ImageError as err:
-        return str(err)
-    return None
+    result = attempt(uri, load, uri, size=None)
+    return result if isinstance(result, str) else None

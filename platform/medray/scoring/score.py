@@ -22,7 +22,10 @@ import hashlib
 import io
 import json
 import logging
+import os
+import posixpath
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from itertools import islice
@@ -39,6 +42,7 @@ from medray.errors import MedrayError
 from medray.evaluation.calibration import CALIBRATION_FILE
 from medray.evaluation.predict import predict
 from medray.io import storage
+from medray.io.listing import Entry, walk
 from medray.training import checkpoint
 
 log = logging.getLogger(__name__)
@@ -64,20 +68,53 @@ class ScoreSummary:
     seconds: float = 0.0
 
 
-def iter_inputs(source: str, extensions: tuple[str, ...]):
-    """URIs to score, streamed: a manifest's ``image`` column in its order, or a listing."""
-    if source.lower().endswith(MANIFEST_SUFFIXES):
-        fs, path = storage.filesystem(source)
-        if source.lower().endswith(".parquet"):
-            batches = pq.ParquetFile(fs.open_input_file(path)).iter_batches(batch_size=10_000, columns=["image"])
-        else:
-            import pyarrow.csv as pacsv
-
-            batches = pacsv.open_csv(fs.open_input_stream(path), convert_options=pacsv.ConvertOptions(include_columns=["image"]))
-        for batch in batches:
-            yield from (str(uri) for uri in batch.column("image").to_pylist())
+def iter_inputs(source: str, extensions: tuple[str, ...]) -> Iterator[Entry]:
+    """Inputs to score, streamed: a manifest's ``image`` column in its order, or the folder's listing
+    (medray.io.listing), whose entries that are not regular files come with the reason they are not read."""
+    if not source.lower().endswith(MANIFEST_SUFFIXES):
+        yield from walk(source, extensions)
         return
-    yield from storage.iter_files(source, extensions)
+    fs, path = storage.filesystem(source)
+    if source.lower().endswith(".parquet"):
+        batches = pq.ParquetFile(fs.open_input_file(path)).iter_batches(batch_size=10_000, columns=["image"])
+    else:
+        batches = _csv_batches(source, fs.open_input_stream(path))
+    folder = storage.parent(source)
+    for batch in batches:
+        yield from (Entry(manifest_uri(folder, uri)) for uri in batch.column("image").to_pylist())
+
+
+def manifest_uri(folder: str, uri) -> str:
+    """A manifest's relative path starts at the manifest's folder (local or S3), wherever the worker runs."""
+    uri = str(uri).strip()
+    if storage.is_s3(uri) or os.path.isabs(uri) or not uri:
+        return uri
+    if storage.is_s3(folder):
+        return storage.S3 + posixpath.normpath(posixpath.join(folder[len(storage.S3) :], uri))
+    return os.path.normpath(os.path.join(folder, uri))
+
+
+def _csv_batches(source: str, stream):
+    """A CSV manifest's ``image`` column; a row with more or fewer fields than the header is an error
+    naming the file and row, as its ``image`` cell could be any of its fields."""
+    import pyarrow.csv as pacsv
+
+    ragged = []
+
+    def refuse(row) -> str:
+        ragged.append(row)
+        return "error"
+
+    parse = pacsv.ParseOptions(invalid_row_handler=refuse, newlines_in_values=True)
+    try:  # one thread, so that pyarrow knows each bad row's number
+        yield from pacsv.open_csv(stream, parse_options=parse, read_options=pacsv.ReadOptions(use_threads=False),
+                                  convert_options=pacsv.ConvertOptions(include_columns=["image"]))  # fmt: skip
+    except pa.ArrowInvalid as err:
+        if not ragged:
+            raise ScoreError(f"{source}: not a readable CSV manifest ({str(err).splitlines()[0]})") from None
+        row = ragged[0]
+        raise ScoreError(f"{source}: row {row.number} has {row.actual_columns} fields where the header has "
+                         f"{row.expected_columns}: fix or remove it") from None  # fmt: skip
 
 
 def part_name(index: int) -> str:
@@ -104,11 +141,11 @@ class _ListingDatasource(Datasource):
 
 def _list_parts(source, extensions, part_size, block_rows, committed, output):
     inputs, parts = 0, 0
-    uris = iter_inputs(source, extensions)
-    while chunk := list(islice(uris, part_size)):
+    entries = iter_inputs(source, extensions)
+    while chunk := list(islice(entries, part_size)):
         index, parts, inputs = parts, parts + 1, inputs + len(chunk)
         if index in committed:
-            if committed[index] != _digest(chunk):
+            if committed[index] != _digest([e.uri for e in chunk]):
                 raise ScoreError(
                     f"{output}: {part_name(index)} was scored from a different listing of {source}; "
                     "the input changed since — score it into a new output"
@@ -116,8 +153,8 @@ def _list_parts(source, extensions, part_size, block_rows, committed, output):
             continue
         for start in range(0, len(chunk), block_rows):
             rows = chunk[start : start + block_rows]
-            yield pa.table({"image": rows, "_part": [index] * len(rows), "_part_inputs": [len(chunk)] * len(rows),
-                            "_position": range(start, start + len(rows))})  # fmt: skip
+            yield pa.table({"image": [e.uri for e in rows], "_skipped": [e.skipped for e in rows], "_part": [index] * len(rows),
+                            "_part_inputs": [len(chunk)] * len(rows), "_position": range(start, start + len(rows))})  # fmt: skip
     storage.write_atomic(storage.join(output, LISTING), json.dumps({"inputs": inputs, "parts": parts}).encode())
 
 
@@ -156,7 +193,7 @@ class _PartWriter:
     def _commit(self, index: int, frame: pd.DataFrame) -> None:
         # Back in the listing's order (actors finish out of order), so the digest matches the listing's.
         frame = frame.drop_duplicates("_position").sort_values("_position")
-        frame = frame.drop(columns=["_part", "_part_inputs", "_position"]).reset_index(drop=True)
+        frame = _with_errors(frame).drop(columns=["_part", "_part_inputs", "_position"]).reset_index(drop=True)
         uris = frame["image"].astype(str).tolist()
         buffer = io.BytesIO()
         frame.to_parquet(buffer, index=False)
@@ -173,6 +210,22 @@ class _PartWriter:
             log.info("scored %d parts this run: %d inputs (%d errors), %.1f images/s", self.parts, self.rows, self.errors, rate)
 
 
+def _with_errors(frame: pd.DataFrame) -> pd.DataFrame:
+    """The listing's reason for an entry it did not read replaces the reader's, and a failed row's
+    probabilities are null, so ``dropna()`` on the output drops exactly the failed rows. (Ray hands
+    back Arrow-backed columns, in which NaN is a value, not a missing one: written as they are, they
+    read back as ``float[pyarrow]`` NaNs that ``isna()`` does not see.)"""
+    frame = frame.reset_index(drop=True)
+    if "_skipped" in frame:
+        skipped = frame.pop("_skipped").fillna("").astype(str)
+        listed = skipped != ""
+        frame.loc[listed, "error"] = frame["image"].astype(str)[listed] + ": " + skipped[listed]
+    failed = (frame["error"] != "").to_numpy()
+    for column in (c for c in frame.columns if c.startswith("prob_")):
+        frame[column] = frame[column].astype("float32").mask(failed)
+    return frame
+
+
 def score(config: JobConfig) -> ScoreSummary:
     s = config.score
     if not s.input:
@@ -185,6 +238,9 @@ def score(config: JobConfig) -> ScoreSummary:
     # rerun with the same model resumes.
     output = s.output or storage.join(config.run_dir, "scores", model_sha256[:12])
 
+    stale = storage.remove_temporaries(output) + storage.remove_temporaries(storage.join(output, COMMITTED))
+    if stale:
+        log.info("removed %d temporary files left by an earlier run that was killed", stale)
     committed = _read_committed(output)
     for marker in committed.values():
         if marker["model_sha256"] != model_sha256:
@@ -198,8 +254,11 @@ def score(config: JobConfig) -> ScoreSummary:
     rows = ray.data.read_datasource(source, override_num_blocks=1, num_cpus=0)
     scored = predict(rows, checkpoint_uri, s.batch_size, s.actors, calibrated=True, cpus=s.cpus_per_actor)
     writer = _PartWriter(output, model_sha256)
-    for batch in scored.iter_batches(batch_size=None, batch_format="pandas"):
-        writer.add(batch.assign(calibrated=calibrated))
+    try:
+        for batch in scored.iter_batches(batch_size=None, batch_format="pandas"):
+            writer.add(batch.assign(calibrated=calibrated))
+    except ScoreError as err:  # raised by the listing task: Ray adds the task's traceback and advice; our message is its first line
+        raise ScoreError(str(getattr(err, "cause", None) or err).splitlines()[0]) from None
     if writer.pending:
         raise ScoreError(f"{output}: parts {sorted(writer.pending)} came back incomplete")
 

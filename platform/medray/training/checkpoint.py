@@ -112,6 +112,26 @@ def read_meta(uri: str) -> dict:
     return meta
 
 
+def _names(labels: list[str]) -> str:
+    return "[" + ", ".join(labels[:8]) + (f", … {len(labels) - 8} more" if len(labels) > 8 else "") + "]"
+
+
+def check_fits(uri: str, labels: list[str], task: str, manifest_uri: str) -> None:
+    """Refuse, in one line saying what differs, a manifest of another task than the checkpoint's model.
+    Multi-label outputs are matched by name, so their order may differ; a class's index is its meaning."""
+    meta = read_meta(uri)
+    trained, kind = list(meta["labels"]), meta["task"]
+    if task != kind:
+        raise CheckpointError(
+            f"{manifest_uri} is a {task} manifest but the checkpoint {uri} was trained for {kind}: use the manifest it was trained on"
+        )
+    if (set(labels) != set(trained)) if task == "multi-label" else (list(labels) != trained):
+        raise CheckpointError(
+            f"{manifest_uri} has labels {_names(list(labels))} but the checkpoint {uri} was trained on {_names(trained)}: "
+            "use the manifest it was trained on, or a checkpoint trained on this one"
+        )
+
+
 def write_best(run_dir: str, checkpoint_uri: str, metrics: dict) -> str:
     uri = storage.join(run_dir, BEST_FILE)
     storage.write_text(uri, json.dumps({"checkpoint": checkpoint_uri, "metrics": metrics}, indent=2, default=float))

@@ -18,11 +18,8 @@ from medray.data.datasets.table import ingest_table
 def _options(config) -> Options:
     dicom_ids = config.format == "folder" if config.dicom_ids is None else config.dicom_ids
     salt = config.salt.get_secret_value() if config.salt else None
-    options = Options(check=config.check, pseudonymise=config.pseudonymise, salt=salt, ids_from_dicom=dicom_ids,
-                      encoding=config.encoding)  # fmt: skip
-    if options.pseudonymise:
-        options.secret()  # a missing salt fails before any work is done
-    return options
+    return Options(check=config.check, pseudonymise=config.pseudonymise, salt=salt, salt_file=config.salt_file,
+                   ids_from_dicom=dicom_ids, encoding=config.encoding)  # fmt: skip
 
 
 def _nih(source, out, config):

@@ -12,10 +12,13 @@ any byte, so a table in an unknown 8-bit encoding is read, at worst with odd acc
 from __future__ import annotations
 
 import codecs
+import csv
 import io
 import logging
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.csv as pacsv
 
 from medray.io import storage
 
@@ -63,10 +66,42 @@ def _strict(data: bytes, uri: str, name: str, why: str) -> str:
                          "set ingest.encoding to the file's encoding") from None  # fmt: skip
 
 
+def ragged_row(text: str):
+    """The first row whose number of fields differs from the header's (pyarrow's ``InvalidRow``), or None.
+
+    pandas reads such rows without a word: a short row is padded with blanks, and when every row has
+    one field more than the header, the first column silently becomes the index, shifting every label
+    by one column. pyarrow's parser reports both. A header's trailing unnamed columns (NIH's published
+    CSV ends its header, not its rows, with a comma) may be missing from a row: nothing is shifted."""
+    header = next(csv.reader(io.StringIO(text)), [])
+    named = len(header)
+    while named and not header[named - 1].strip():
+        named -= 1
+    ragged = []
+
+    def record(row) -> str:
+        if named <= row.actual_columns < row.expected_columns:
+            return "skip"  # only unnamed trailing columns missing
+        ragged.append(row)
+        return "error"  # stop at the first
+
+    parse = pacsv.ParseOptions(invalid_row_handler=record, newlines_in_values=True)
+    try:  # one thread, so that pyarrow knows the row's number
+        pacsv.read_csv(io.BytesIO(text.encode("utf-8")), parse_options=parse, read_options=pacsv.ReadOptions(use_threads=False))
+    except pa.ArrowInvalid:
+        pass  # not ragged (e.g. empty): pandas says what else is wrong
+    return ragged[0] if ragged else None
+
+
 def read_csv(uri: str, encoding: str | None = None, **kwargs) -> pd.DataFrame:
     """``pandas.read_csv`` of a local or ``s3://`` file in whatever encoding it was written; a file
-    pandas cannot parse is one ``TableError`` naming it."""
+    pandas cannot parse, or with a row of more or fewer fields than its header, is one ``TableError``
+    naming it (and the row)."""
     text = decode(storage.read_bytes(uri), uri, encoding)
+    row = ragged_row(text)
+    if row is not None:
+        raise TableError(f"{uri}: row {row.number} has {row.actual_columns} fields where the header has "
+                         f"{row.expected_columns} (counting the header as row 1): fix or remove that row")  # fmt: skip
     try:
         return pd.read_csv(io.StringIO(text), **kwargs)
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as err:

@@ -22,12 +22,13 @@ import pandas as pd
 import pyarrow.fs as pafs
 
 from medray.data import metadata
+from medray.data.datasets import keys
 from medray.data.manifest import Manifest, write_manifest, write_quarantine
-from medray.io import images, storage
-from medray.io.dicom import DicomError, is_dicom, read_header
+from medray.io import images, listing, storage
+from medray.io.dicom import header_ids, is_dicom
 
 log = logging.getLogger("medray.ingest")
-SALT_ENV = "MEDRAY_PSEUDONYM_SALT"
+SALT_ENV = keys.SALT_ENV
 
 
 @dataclass
@@ -37,6 +38,7 @@ class IngestResult:
     images: int
     quarantined: int
     rows_in: int = 0
+    pseudonyms: str = ""  # whether the IDs were pseudonymised, and with the key from where (never the key)
 
     @property
     def balance(self) -> str:
@@ -48,16 +50,35 @@ class Options:
     """Adapter-independent ingest options (from the ``ingest`` config section)."""
 
     check: bool = True
-    pseudonymise: bool = False
+    pseudonymise: bool | None = None  # None: the IDs read from DICOM headers; True: every ID; False: none
     salt: str | None = field(default=None, repr=False)  # never printed, never logged
+    salt_file: str | None = None  # the key file when no salt is given (see datasets.keys)
     ids_from_dicom: bool = False  # take patient_id / study_id from DICOM headers
     encoding: str | None = None  # of label CSVs without a byte-order mark (see datasets.encoding)
 
-    def secret(self) -> bytes:
-        salt = self.salt or os.environ.get(SALT_ENV)
-        if not salt:
-            raise ValueError(f"pseudonymisation needs a salt: set ingest.salt in the config or {SALT_ENV}")
-        return salt.encode()
+    def key(self, out: str) -> tuple[bytes | None, str]:
+        """(the pseudonym key, where it came from), or (None, "") when no ID is to be pseudonymised."""
+        if self.pseudonymise is False or (self.pseudonymise is None and not self.ids_from_dicom):
+            return None, ""
+        return keys.resolve(self.salt, self.salt_file, out)
+
+
+def _images(n: int) -> str:
+    return f"{n} image" if n == 1 else f"{n} images"
+
+
+def _pseudonyms(options: Options, keyed_by: str, from_headers: int, images: int) -> str:
+    """What a reader of the manifest must know: are these IDs real ones?"""
+    if options.pseudonymise is False:
+        return "IDs kept as they are (ingest.pseudonymise: false)"
+    if options.pseudonymise:
+        return f"IDs pseudonymised with the key from {keyed_by}"
+    parts = [f"IDs from DICOM headers pseudonymised ({_images(from_headers)}) with the key from {keyed_by}"] if from_headers else []
+    if kept := images - from_headers:
+        parts.append(
+            f"IDs from the table or file names kept as they are ({_images(kept)}; ingest.pseudonymise: true pseudonymises them too)"
+        )
+    return "; ".join(parts)
 
 
 def pseudonym(value: str, salt: bytes) -> str:
@@ -86,14 +107,35 @@ def _is_file(uri: str) -> bool:
 
 class FileIndex:
     """All files under a root, listed once (one S3 listing instead of a request per row) and only
-    when a relative path or a bare name is first looked up."""
+    when a relative path or a bare name is first looked up; listed by medray.io.listing, so entries
+    that are not regular files are not found, and ``reason`` says why."""
 
     def __init__(self, root: str) -> None:
         self.root = root.rstrip("/") if storage.is_s3(root) else storage.absolute(root)
 
     @functools.cached_property
+    def _listing(self) -> list[listing.Entry]:
+        return list(listing.walk(self.root))
+
+    @functools.cached_property
     def files(self) -> set[str]:
-        return set(storage.list_files(self.root))
+        return {entry.uri for entry in self._listing if not entry.skipped}
+
+    @functools.cached_property
+    def skipped(self) -> dict[str, str]:
+        return {entry.uri: entry.skipped for entry in self._listing if entry.skipped}
+
+    def reason(self, uri: str) -> str:
+        """Why ``uri`` was not found: the listing's reason for skipping it or a folder above it, or
+        that it does not exist."""
+        if uri in self.skipped:
+            return self.skipped[uri]
+        folder = storage.parent(uri)
+        while folder.startswith(self.root + "/"):
+            if folder in self.skipped:
+                return f"under {folder}, a {self.skipped[folder]}"
+            folder = storage.parent(folder)
+        return "image file not found"
 
     @functools.cached_property
     def by_name(self) -> dict[str, str]:
@@ -140,22 +182,23 @@ def parse_binary(value) -> float | None:
     return None
 
 
-def _inspect(uri: str, ids_from_dicom: bool, salt: bytes | None) -> tuple[str, str | None, str | None]:
-    """(reason or "", patient, study): decode fully, then for a DICOM file its header IDs ("" when
-    absent; None for other files). Header IDs leave the worker only as pseudonyms when a salt is set."""
-    try:
-        data = images.read(uri)  # read once: decoded here, and its DICOM header parsed below
-        images.decode(data, uri)
-    except images.ImageError as err:
-        return str(err), None, None
+def _read(uri: str, ids_from_dicom: bool) -> tuple[str | None, str | None]:
+    """Decode fully; then a DICOM file's header IDs ("" when absent), None for other files."""
+    data = images.read(uri)  # read once: decoded here, and its DICOM header parsed below
+    images.decode(data, uri)
     if not ids_from_dicom or not is_dicom(data):
-        return "", None, None
-    try:
-        ds = read_header(data, uri)
-    except DicomError:
-        return "", None, None
-    patient, study = str(ds.get("PatientID", "") or "").strip(), str(ds.get("StudyInstanceUID", "") or "").strip()
-    if salt is not None:
+        return None, None
+    return header_ids(data, uri, images.MAX_BYTES)
+
+
+def _inspect(uri: str, ids_from_dicom: bool, salt: bytes | None) -> tuple[str, str | None, str | None]:
+    """(reason or "", patient, study), by the rule scoring follows too (``images.attempt``): whatever
+    reading the file raises is its reason. Header IDs leave the worker only as pseudonyms when a salt is set."""
+    found = images.attempt(uri, _read, uri, ids_from_dicom)
+    if isinstance(found, str):
+        return found, None, None
+    patient, study = found
+    if salt is not None and patient is not None:
         patient = pseudonym(patient, salt) if patient else ""
         study = pseudonym(study, salt) if study else ""
     return "", patient, study
@@ -202,7 +245,7 @@ def finish(
 ) -> IngestResult:
     """Refuse what cannot be used, write the manifest and the quarantine, and balance the count."""
     frame = frame.reset_index(drop=True)
-    salt = options.secret() if options.pseudonymise else None
+    salt, keyed_by = options.key(out)
     for column in ("image", "patient_id"):  # an adapter that kept no row returns a frame without columns
         if column not in frame:
             frame[column] = pd.Series(dtype=object)
@@ -234,7 +277,8 @@ def finish(
     frame = frame[~duplicate].reset_index(drop=True)
 
     frame["patient_id"] = frame["patient_id"].astype(str).str.strip()
-    if salt is not None:
+    from_headers = int(frame["_pseudonymised"].sum())
+    if options.pseudonymise:
         fresh = ~frame["_pseudonymised"].to_numpy(dtype=bool)
         frame.loc[fresh, "patient_id"] = [pseudonym(p, salt) for p in frame.loc[fresh, "patient_id"]]
         if "study_id" in frame:
@@ -244,7 +288,8 @@ def finish(
 
     if len(frame) + len(rejects) != rows_in:  # an adapter lost or invented rows: a bug, never a user error
         raise AssertionError(f"{source}: {rows_in} rows in but {len(frame)} kept + {len(rejects)} quarantined")
-    result = IngestResult(out, quarantine_uri(out), len(frame), len(rejects), rows_in)
+    result = IngestResult(out, quarantine_uri(out), len(frame), len(rejects), rows_in,
+                          _pseudonyms(options, keyed_by, from_headers, len(frame)))  # fmt: skip
     write_quarantine(rejects.rows, result.quarantine)
     if frame.empty:
         raise ValueError(f"{source}: no usable rows ({result.balance}; reasons in {result.quarantine})")
@@ -254,4 +299,5 @@ def finish(
         log.warning("labels with no positive image: %s", never)
     log.info("ingested %d images of %d patients", len(frame), frame["patient_id"].nunique())
     log.info("%s (quarantine: %s)", result.balance, result.quarantine)
+    log.info("%s", result.pseudonyms)
     return result

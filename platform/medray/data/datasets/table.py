@@ -125,7 +125,7 @@ def ingest_table(
         record = dict(zip(table.columns, entry))
         image, found = _find(index, patterns, str(record[columns.image]).strip())
         if not found:
-            rejects.add(image, "image file not found")
+            rejects.add(image, index.reason(image))
         elif isinstance(cells[i], str):
             rejects.add(image, cells[i])
         else:
