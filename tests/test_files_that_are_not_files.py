@@ -71,19 +71,21 @@ def test_the_listing_yields_the_regular_files_and_every_other_entry_with_the_rea
         assert expected in reasons[path], (path, reasons[path])
 
 
-def test_the_listing_reads_a_link_to_a_regular_file_and_is_in_a_stable_order(tmp_path):
+def test_the_listing_reads_a_link_to_a_file_inside_the_root_not_out_of_it_and_is_in_a_stable_order(tmp_path):
     root = tmp_path / "links"
     (root / "b").mkdir(parents=True)
     (tmp_path / "archive.png").write_bytes(png(0))
     (root / "z.png").write_bytes(png(1))
     (root / "b" / "a.png").write_bytes(png(2))
-    os.symlink(tmp_path / "archive.png", root / "a.png")  # a folder of links into an archive
+    os.symlink(root / "b" / "a.png", root / "c.png")  # a second name inside the root: read
+    os.symlink(tmp_path / "archive.png", root / "a.png")  # into another archive: recorded, not read
 
-    listed = [e for e in walk(str(root), IMAGE_EXTENSIONS)]
+    listed = {os.path.relpath(e.uri, root): e.skipped for e in walk(str(root), IMAGE_EXTENSIONS)}
 
-    assert [os.path.relpath(e.uri, root) for e in listed] == ["a.png", "z.png", "b/a.png"]  # files, then sub-folders
-    assert not any(e.skipped for e in listed)
-    assert images.read(str(root / "a.png")) == png(0)
+    assert list(listed) == ["a.png", "c.png", "z.png", "b/a.png"]  # files by name, then sub-folders
+    assert listed["a.png"] == "link to a file out of the root: not read"
+    assert not any(listed[name] for name in ("c.png", "z.png", "b/a.png"))
+    assert images.read(str(root / "c.png")) == png(2)
 
 
 @pytest.mark.timeout(60)

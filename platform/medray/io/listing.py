@@ -7,8 +7,8 @@ quarantine it and scoring can give it its row with an error: nothing under the r
 
 Links to folders are never followed: one out of the root would list another archive, one inside
 it would list the same images twice (under two classes or patients), one above itself loops. A
-link to a regular file is read, as folders of links into an archive are a common way to build a
-class-per-folder tree. Folders are also tracked by device and inode, so a loop made without
+link to a regular file is read when the file lies inside the root too, and recorded as skipped when
+it points out of it: what an ingest or a scoring run reads is what its root holds. Folders are also tracked by device and inode, so a loop made without
 links (a bind mount) is walked once. An S3 prefix holds objects only, all of them inputs.
 
 The order is stable (each folder's files by name, then its sub-folders by name, depth first), as
@@ -66,7 +66,7 @@ def _walk_local(root: str, exts: tuple[str, ...] | None) -> Iterator[Entry]:
             elif entry.is_symlink() and _points_to_folder(entry.path):
                 folders.append(entry)
             elif exts is None or entry.name.lower().endswith(exts):
-                yield Entry(entry.path, _not_a_file(entry))
+                yield Entry(entry.path, _not_a_file(entry, real_root))
         below = []
         for entry in folders:
             if entry.is_symlink():
@@ -88,8 +88,13 @@ def _points_to_folder(path: str) -> bool:
         return False
 
 
-def _not_a_file(entry: os.DirEntry) -> str:
-    """Why the entry is not read, or "" for a regular file (or a link to one)."""
+def _inside(path: str, real_root: str) -> bool:
+    target = os.path.realpath(path)
+    return target == real_root or target.startswith(real_root + os.sep)
+
+
+def _not_a_file(entry: os.DirEntry, real_root: str) -> str:
+    """Why the entry is not read, or "" for a regular file (or a link to one inside the root)."""
     try:
         mode = entry.stat(follow_symlinks=True).st_mode
     except FileNotFoundError:
@@ -99,7 +104,7 @@ def _not_a_file(entry: os.DirEntry) -> str:
             return f"link that cannot be followed ({os.strerror(err.errno) if err.errno else err.__class__.__name__})"
         return f"cannot be read ({err.__class__.__name__})"
     if stat.S_ISREG(mode):
-        return ""
+        return "" if not entry.is_symlink() or _inside(entry.path, real_root) else "link to a file out of the root: not read"
     what = storage.file_kind(mode)
     return f"link to a {what}, not a regular file" if entry.is_symlink() else f"a {what}, not a regular file"
 
@@ -109,6 +114,6 @@ def _folder_link(path: str, real_root: str) -> str:
     here = os.path.realpath(os.path.dirname(path))
     if here == target or here.startswith(target + os.sep):
         return "link to a folder above it (a loop): not followed"
-    if target == real_root or target.startswith(real_root + os.sep):
+    if _inside(path, real_root):
         return "link to a folder inside the root: not followed (its files are listed under their own path)"
     return "link to a folder out of the root: not followed"
