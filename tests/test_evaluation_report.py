@@ -70,6 +70,9 @@ def test_metrics_json_holds_each_label_with_patient_intervals_prevalence_and_cal
     measurable = [label for label in labels if 0 < metrics["labels"][label]["positives"] < metrics["labels"][label]["n"]]
     assert measurable and {(r["label"], r["rater"]) for r in metrics["raters"]} == {(label, f"R{k}") for label in measurable for k in (1, 2, 3)}
     assert set(metrics["raters_under_roc"]) == set(measurable) and all(0 <= n <= 3 for n in metrics["raters_under_roc"].values())
+    # Both consensus rules against the reference labels, and each rater's EM estimates beside the measured values.
+    assert {(r["label"], r["consensus"]) for r in metrics["consensus_vs_reference"]} == {(label, rule) for label in labels for rule in ("majority vote", "Dawid-Skene")}
+    assert all(0 <= r["em_sensitivity"] <= 1 and 0 <= r["em_specificity"] <= 1 for r in metrics["raters"])
     assert set(metrics["agreement"]) == set(labels)
     assert {"sex", "age band", "view"} <= {row["dimension"] for row in metrics["subgroups"]}
     assert {row["cases"] for row in metrics["unanimous"]} == {"all", "unanimous"}

@@ -39,3 +39,21 @@ def test_two_of_three_raters_lie_under_the_models_curve_and_each_difference_has_
     assert raters_under_curve(table.reset_index()).to_dict() == {"Mass": 2}
     assert (table["difference_lo"] <= table["difference"]).all() and (table["difference"] <= table["difference_hi"]).all()
     assert table.loc["cautious", "difference_lo"] > 0  # 0.4 better on 20 positive patients: clear of zero
+
+
+def test_the_report_sets_each_raters_em_estimates_beside_their_measured_accuracy_and_both_consensus_rules_against_the_reference():
+    from medray.evaluation.experts import consensus_check
+
+    rng = np.random.default_rng(0)
+    truth = (rng.random(1500) < 0.2).astype(float)
+    raters = {"E1": (0.95, 0.98), "E2": (0.92, 0.97), "C1": (0.6, 0.7), "C2": (0.55, 0.75), "C3": (0.6, 0.72)}
+    votes = pd.DataFrame([(f"{i}.png", name, int(rng.random() < (se if truth[i] else 1 - sp)))
+                          for name, (se, sp) in raters.items() for i in range(1500)], columns=["Image Index", "Rater", "Mass"])  # fmt: skip
+    test = pd.DataFrame({"image": [f"/archive/{i}.png" for i in range(1500)], "Mass": truth})
+    rules, estimates = consensus_check(test, votes, ["Mass"])
+    agrees = rules.set_index("consensus")["agrees_with_reference"]
+    assert 1 - agrees["Dawid-Skene"] < (1 - agrees["majority vote"]) / 2  # the careful two outweigh the careless three
+    estimated = estimates.set_index("rater")
+    for name, (se, sp) in raters.items():
+        assert estimated.loc[name, "em_sensitivity"] == pytest.approx(se, abs=0.06)
+        assert estimated.loc[name, "em_specificity"] == pytest.approx(sp, abs=0.04)

@@ -22,7 +22,7 @@ from medray.data import rows, splits
 from medray.data.labels import agreement_summary
 from medray.data.manifest import read_manifest
 from medray.evaluation import calibration, explain, intervals
-from medray.evaluation.experts import rater_table
+from medray.evaluation.experts import consensus_check, rater_table
 from medray.evaluation.levels import LEVELS, aggregate
 from medray.evaluation.metrics import at_threshold, auroc, check_prevalence, label_table, single_label_summary
 from medray.evaluation.predict import predict, prob_columns
@@ -46,6 +46,7 @@ class Evaluation:
     paths: dict = field(default_factory=dict)
     levels: dict = field(default_factory=dict)  # "study" / "patient": the label table at that level
     experts: pd.DataFrame = field(default_factory=pd.DataFrame)  # per label and rater: the rater against the model
+    consensus: pd.DataFrame = field(default_factory=pd.DataFrame)  # per label: majority vs Dawid–Skene against the reference
 
     @property
     def mean_auroc(self) -> float:
@@ -145,16 +146,21 @@ def gradcam_tiles(checkpoint_uri: str, cases: list[dict]) -> list[tuple[str, byt
     return tiles
 
 
-def read_raters(e, test: pd.DataFrame, labels: list[str]) -> pd.DataFrame:
-    """Each rater of ``evaluate.rater_votes`` against the model on the test images they read (experts.rater_table)."""
+def read_raters(e, test: pd.DataFrame, labels: list[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Each rater of ``evaluate.rater_votes`` against the model on the test images they read (experts.rater_table,
+    with the raters' Dawid–Skene estimates), and how each consensus rule agrees with the reference (consensus_check)."""
     if not e.rater_votes:
-        return pd.DataFrame()
+        return pd.DataFrame(), pd.DataFrame()
     votes = pd.read_csv(io.BytesIO(storage.read_bytes(e.rater_votes)))
     missing = [c for c in (e.rater_image_column, e.rater_column) if c not in votes]
     if missing or not set(labels) & set(votes):
         raise ConfigError(f"evaluate.rater_votes {e.rater_votes}: needs the columns {e.rater_image_column!r}, {e.rater_column!r} "
                           f"and at least one label of {labels}; it has {list(votes.columns)[:20]}")  # fmt: skip
-    return rater_table(test, votes, labels, e.rater_image_column, e.rater_column, e.bootstrap, e.seed)
+    table = rater_table(test, votes, labels, e.rater_image_column, e.rater_column, e.bootstrap, e.seed)
+    rules, estimates = consensus_check(test, votes, labels, e.rater_image_column, e.rater_column)
+    if len(table) and len(estimates):
+        table = table.merge(estimates, on=["label", "rater"], how="left")
+    return table, rules
 
 
 def read_audit(run_dir: str) -> dict | None:
@@ -208,13 +214,13 @@ def evaluate(config: JobConfig) -> Evaluation:
     agreement = agreement_summary(test, labels)
     unanimous = unanimous_table(test, labels, table, e.bootstrap, e.seed)
     tiles = gradcam_tiles(checkpoint_uri, error_cases(test, labels, table, e.gallery))
-    experts = read_raters(e, test, labels)
+    experts, consensus_rules = read_raters(e, test, labels)
 
     out_dir = storage.join(config.run_dir, "evaluation")
     buffer = io.BytesIO()
     scored.to_parquet(buffer, index=False)
     storage.write_bytes(storage.join(out_dir, "predictions.parquet"), buffer.getvalue())
-    result = Evaluation(table, calib, subgroups, agreement, unanimous, summary, levels=by_level, experts=experts)
+    result = Evaluation(table, calib, subgroups, agreement, unanimous, summary, levels=by_level, experts=experts, consensus=consensus_rules)
     paths = build_report(
         out_dir, config, manifest, result, checkpoint_uri,
         splits.summary(frame, labels), test_y, test_p, calibrated, tiles, read_audit(config.run_dir), len(failed),

@@ -71,6 +71,33 @@ def rater_table(test: pd.DataFrame, votes: pd.DataFrame, labels: list[str], imag
     return pd.DataFrame(rows)
 
 
+def consensus_check(test: pd.DataFrame, votes: pd.DataFrame, labels: list[str], image: str = "Image Index",
+                    rater: str = "Rater") -> tuple[pd.DataFrame, pd.DataFrame]:
+    """How the two consensus rules fare against the reference labels on the test images, per label: the share
+    the majority vote and the Dawid–Skene consensus get right; and per label and rater the Dawid–Skene
+    estimates (from all the votes, without the reference) beside the rater's accuracy measured against
+    the reference on the test images — how far EM can be trusted where no reference exists."""
+    from medray.data.labels import consensus, dawid_skene
+
+    keys = test["image"].map(lambda uri: posixpath.basename(str(uri)))
+    votes = votes.assign(**{image: votes[image].map(lambda name: posixpath.basename(str(name)))})
+    named = [label for label in labels if label in votes]
+    majority = consensus(votes, named, image, rater).reindex(keys.to_numpy())
+    weighted = consensus(votes, named, image, rater, method="dawid-skene").reindex(keys.to_numpy())
+    rules, estimates = [], []
+    for label in named:
+        y = test[label].to_numpy(float)
+        for name, table in (("majority vote", majority), ("Dawid-Skene", weighted)):
+            c = table[label].to_numpy(float)
+            known = ~np.isnan(y) & ~np.isnan(c)
+            rules.append({"label": label, "consensus": name, "images": int(known.sum()),
+                          "agrees_with_reference": float((c[known] == y[known]).mean()) if known.any() else float("nan")})  # fmt: skip
+        _, raters = dawid_skene(votes, label, image, rater)
+        for name, row in raters.iterrows():
+            estimates.append({"label": label, "rater": str(name), "em_sensitivity": row["sensitivity"], "em_specificity": row["specificity"]})
+    return pd.DataFrame(rules), pd.DataFrame(estimates)
+
+
 def raters_under_curve(table: pd.DataFrame) -> pd.Series:
     """Per label, how many raters lie under the model's ROC curve (the CheXpert scorer's ``NumRadsUnderROC``)."""
     if table.empty:

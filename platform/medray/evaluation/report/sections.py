@@ -104,7 +104,7 @@ def _audit_section(audit: dict | None) -> Section:
 
 
 def _ground_truth_section(result) -> Section:
-    section = Section("Ground truth quality", "ground-truth")
+    section = Section("Ground truth quality", "ground-truth", _consensus_blocks(result.experts, result.consensus))
     if result.agreement.empty:
         section.blocks.append("No rater votes are attached to this manifest (see `medray consensus`): the labels' "
                               "reliability is unknown, and so is the ceiling it puts on the metrics.")  # fmt: skip
@@ -165,6 +165,21 @@ def _expert_blocks(experts: pd.DataFrame) -> list:
          "model's sensitivity at that rater's specificity; the difference has a paired patient-bootstrap interval."),
         shown[["label", "rater", "images", "positives", "sensitivity", "specificity", "model_sensitivity",
                "model − rater (95% CI)", "under_curve"]].set_index("label"),
+    ]  # fmt: skip
+
+
+def _consensus_blocks(experts: pd.DataFrame, rules: pd.DataFrame) -> list:
+    """The raters' own accuracy as Dawid–Skene estimates it from their votes alone, beside what the reference
+    labels show, and how often each consensus rule agrees with the reference."""
+    if rules.empty or "em_sensitivity" not in experts:
+        return []
+    return [
+        ("Weighted consensus (Dawid–Skene): each rater's sensitivity and specificity estimated by EM from the votes "
+         "alone, beside the values measured against the reference labels on the test images; where no reference "
+         "exists, the estimates are what weighs each vote."),
+        experts[["label", "rater", "sensitivity", "em_sensitivity", "specificity", "em_specificity"]].set_index("label"),
+        "Share of test images on which each consensus rule agrees with the reference labels.",
+        rules.pivot(index="label", columns="consensus", values="agrees_with_reference"),
     ]  # fmt: skip
 
 
@@ -325,6 +340,7 @@ def build_report(out_dir, config, manifest, result, checkpoint_uri, split_summar
         "labels": json.loads(table.to_json(orient="index")),
         "levels": {level: json.loads(t.to_json(orient="index")) for level, t in result.levels.items()},
         "raters": json.loads(result.experts.to_json(orient="records")) if not result.experts.empty else None,
+        "consensus_vs_reference": json.loads(result.consensus.to_json(orient="records")) if not result.consensus.empty else None,
         "raters_under_roc": raters_under_curve(result.experts).to_dict() if not result.experts.empty else None,
         "summary": result.summary,
         "calibration": {"per_label": json.loads(result.calibration.to_json(orient="index")), "file": result.calibration.attrs.get("file")},
