@@ -7,7 +7,7 @@ because Ray workers do not run in the directory the user typed the command in.
 A config error is one bounded line: field paths, and bad values only when they are short scalars
 outside any secret-looking field (salt, key, token, password). The value of an unknown key is never
 shown, since a misspelt secret (``slat:``) is still a secret. YAML whose aliases expand past
-``MAX_YAML_NODES`` values (a "billion laughs") is refused before anything is built from it.
+``safe_yaml.MAX_NODES`` values (a "billion laughs") is refused before anything is built from it.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from pydantic import (
     model_validator,
 )
 
+from medray import safe_yaml
 from medray.choices import BACKBONE_NAMES, augment_params
 from medray.errors import MedrayError
 from medray.io import storage
@@ -37,7 +38,6 @@ from medray.io.listing import IMAGE_EXTENSIONS
 Uri = Annotated[str, AfterValidator(storage.absolute)]
 
 MAX_CONFIG_BYTES = 1_000_000
-MAX_YAML_NODES = 100_000  # a real config has a few hundred values; an alias bomb expands to billions
 MAX_MESSAGE = 2000  # characters of a config error
 SHOWN = 40  # characters of a bad value, or of a key, shown in a config error
 SECRET = re.compile(r"salt|secret|token|passw|key|credential", re.IGNORECASE)
@@ -331,61 +331,6 @@ class JobConfig(_Section):
         return self.data.manifest or storage.join(self.run_dir, "data", "manifest.parquet")
 
 
-class _TooLarge(yaml.YAMLError):
-    pass
-
-
-class _BoundedLoader(yaml.SafeLoader):
-    """``yaml.safe_load``, refusing a document whose aliases expand past ``MAX_YAML_NODES`` values. Aliases
-    share one object, so the document itself is small, but validating or printing it walks every copy."""
-
-    def compose_document(self):
-        node = super().compose_document()
-        if node is not None:
-            _expanded_size(node, {}, set())
-        return node
-
-
-def _expanded_size(node: yaml.Node, sizes: dict[int, int], open_: set[int]) -> int:
-    """Values in ``node`` with every alias expanded; each distinct node is counted once, so this is quick."""
-    if id(node) in sizes:
-        return sizes[id(node)]
-    if id(node) in open_:
-        raise _TooLarge("an alias refers to a node that contains it (a recursive structure)")
-    open_.add(id(node))
-    children = node.value if isinstance(node, yaml.SequenceNode) else []
-    if isinstance(node, yaml.MappingNode):
-        children = [child for pair in node.value for child in pair]
-    total = 1
-    for child in children:
-        total += _expanded_size(child, sizes, open_)
-        if total > MAX_YAML_NODES:
-            raise _TooLarge(f"its aliases expand to more than {MAX_YAML_NODES:,} values (an alias bomb?)")
-    open_.discard(id(node))
-    sizes[id(node)] = total
-    return total
-
-
-def _load_yaml(text: str):
-    try:
-        return yaml.load(text, Loader=_BoundedLoader)  # noqa: S506 - a SafeLoader with a size limit
-    except RecursionError:
-        raise _TooLarge("it is nested too deeply") from None
-
-
-def _yaml_problem(err: yaml.YAMLError) -> str:
-    """What is wrong and where, without PyYAML's snippet of the offending line: that line may hold a secret."""
-    if isinstance(err, yaml.MarkedYAMLError) and err.problem:
-        mark = err.problem_mark
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        return _cut(err.problem, 120) + where
-    return _cut(str(err).splitlines()[0] if str(err) else type(err).__name__, 120)
-
-
-def _cut(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
 def parse_overrides(pairs: list[str]) -> dict:
     """``["train.epochs=3", "model.backbone=densenet121"]`` → nested dict; values parsed as YAML."""
     nested: dict = {}
@@ -401,9 +346,9 @@ def parse_overrides(pairs: list[str]) -> dict:
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {key}: {part!r} is not a section")
         try:
-            node[leaf] = _load_yaml(value) if value else None
+            node[leaf] = safe_yaml.load(value) if value else None
         except yaml.YAMLError as err:
-            raise ConfigError(f"--set {key}: the value is not valid YAML ({_yaml_problem(err)})") from None
+            raise ConfigError(f"--set {key}: the value is not valid YAML ({safe_yaml.problem(err)})") from None
     return nested
 
 
@@ -431,19 +376,19 @@ def _shown(value) -> str | None:
     if isinstance(value, dict):
         return None
     if isinstance(value, (str, int, float, bool)) or value is None:
-        return _cut(repr(value), SHOWN)
+        return safe_yaml.cut(repr(value), SHOWN)
     return f"a {type(value).__name__}"
 
 
 def _problem(err: dict) -> str:
-    loc = tuple(_cut(str(p), SHOWN) for p in err["loc"])
+    loc = tuple(safe_yaml.cut(str(p), SHOWN) for p in err["loc"])
     where = ".".join(loc) or "(top level)"
     if err["type"] == "extra_forbidden":
         close = difflib.get_close_matches(loc[-1], _known(loc), n=1)
         return f"{where}: unknown field" + (f" (did you mean {'.'.join((*loc[:-1], close[0]))}?)" if close else "")
     secret = any(SECRET.search(p) for p in loc)
     shown = None if secret or err["type"] in ("missing", "model_type") else _shown(err["input"])
-    return f"{where}: {_cut(err['msg'], 200)}" + (f" (got {shown})" if shown else "")
+    return f"{where}: {safe_yaml.cut(err['msg'], 200)}" + (f" (got {shown})" if shown else "")
 
 
 def _describe(error: ValidationError, source: str) -> str:
@@ -451,7 +396,7 @@ def _describe(error: ValidationError, source: str) -> str:
     problems = [_problem(err) for err in error.errors()[:10]]
     if error.error_count() > 10:
         problems.append(f"and {error.error_count() - 10} more")
-    return _cut(f"invalid config {source}: " + "; ".join(problems), MAX_MESSAGE)
+    return safe_yaml.cut(f"invalid config {source}: " + "; ".join(problems), MAX_MESSAGE)
 
 
 def build_config(raw: dict | None = None, overrides: list[str] | None = None, source: str = "") -> JobConfig:
@@ -474,11 +419,11 @@ def load_config(path: str | None, overrides: list[str] | None = None) -> JobConf
         if len(text) > MAX_CONFIG_BYTES:
             raise ConfigError(f"{path} is larger than {MAX_CONFIG_BYTES:,} characters: not a config file")
         try:
-            raw = _load_yaml(text) or {}
-        except _TooLarge as err:
+            raw = safe_yaml.load(text) or {}
+        except safe_yaml.TooLarge as err:
             raise ConfigError(f"{path} is refused: {err}") from None
         except yaml.YAMLError as err:
-            raise ConfigError(f"{path} is not valid YAML: {_yaml_problem(err)}") from None
+            raise ConfigError(f"{path} is not valid YAML: {safe_yaml.problem(err)}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path} must hold a mapping of sections, got {type(raw).__name__}")
     return build_config(raw, overrides, source=path or "(defaults)")

@@ -29,6 +29,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from medray import safe_yaml
 from medray.config import ConfigError, JobConfig, build_config, merge
 from medray.errors import MedrayError
 from medray.io import storage
@@ -104,12 +105,14 @@ def nest(flat: dict[str, Any]) -> dict:
 def load_space(uri: str, base: dict) -> SweepSpec:
     """Read and validate a search space against the base training config ``base`` (a raw dict)."""
     try:
-        raw = yaml.safe_load(storage.read_text(uri))
+        raw = safe_yaml.load(storage.read_text(uri))  # bounded: a user's file, like the config
         spec = SweepSpec.model_validate(raw)
     except FileNotFoundError:
         raise SearchSpaceError(f"search space {uri} does not exist") from None
-    except (yaml.YAMLError, ValidationError) as err:
-        raise SearchSpaceError(f"invalid search space {uri}: {err}") from None
+    except yaml.YAMLError as err:
+        raise SearchSpaceError(f"invalid search space {uri}: {safe_yaml.problem(err)}") from None
+    except ValidationError as err:
+        raise SearchSpaceError(f"invalid search space {uri}: {safe_yaml.cut(str(err), 2000)}") from None
     if not spec.space:
         raise SearchSpaceError(f"{uri}: the space is empty")
     for key, distribution in spec.space.items():
