@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import pytest
 import yaml
 
 from medray.config import build_config, load_config
@@ -25,6 +26,7 @@ def base(tmp_path, manifest, name="sweep", epochs=2) -> dict:
     }
 
 
+@pytest.mark.timeout(1200)  # a hang guard for five trainings (four trials and a reseed), on a busy machine too
 def test_a_sweep_stops_poor_trials_early_and_writes_a_ranked_table_and_best_config(tmp_path, split_manifest_path, ray_session):
     # Epoch length (train_samples) differs by sampling strategy and nothing else, so ASHA's decisions
     # are known in advance: undersampling, tried first, sets the bar the others miss at epoch 1.
