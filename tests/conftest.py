@@ -32,6 +32,17 @@ def s3():
         yield client, bucket
 
 
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory):
+    """A real PACS (Orthanc with DICOMweb) on 127.0.0.1 with an empty store, for one test module."""
+    from orthanc import available, orthanc_server
+
+    if not available():
+        pytest.skip("Debian's orthanc and orthanc-dicomweb packages are not installed (.ci/run installs them)")
+    with orthanc_server(tmp_path_factory.mktemp("orthanc")) as pacs:
+        yield pacs
+
+
 @pytest.fixture(scope="session")
 def ray_session(s3):
     import ray

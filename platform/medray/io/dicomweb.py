@@ -1,0 +1,86 @@
+"""A PACS or VNA spoken to over DICOMweb, named by a URI: ``dicomweb://host:port/dicom-web?Filter=value&...``.
+
+The URI names the service root (``http://host:port/dicom-web``; ``dicomwebs://`` for HTTPS) and, in its
+query, the QIDO-RS filters that choose the instances (``StudyDate=20190101-20191231``,
+``ModalitiesInStudy=CR,DX``). Credentials never appear in a URI or a config file: the value of the
+``Authorization`` header is read from an environment variable (``MEDRAY_DICOMWEB_AUTHORIZATION`` unless
+``dicomweb.authorization_env`` names another), set where the job runs and inherited by Ray's workers.
+
+Clients come from ``dicomweb-client`` (QIDO-RS, WADO-RS, STOW-RS), which parses the multipart answers.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from urllib.parse import parse_qsl, urlsplit
+
+from medray.errors import MedrayError
+
+SCHEMES = {"dicomweb": "http", "dicomwebs": "https"}
+AUTHORIZATION_ENV = "MEDRAY_DICOMWEB_AUTHORIZATION"
+TIMEOUT_ENV = "MEDRAY_DICOMWEB_TIMEOUT"
+TIMEOUT = 30.0  # seconds per request: a PACS that stops answering fails a request, not the whole job
+
+
+class DicomWebError(MedrayError, ConnectionError):
+    """A DICOMweb service that refused, did not answer, or answered something that is not DICOM."""
+
+
+def is_dicomweb(uri) -> bool:
+    return str(uri).split("://", 1)[0] in SCHEMES and "://" in str(uri)
+
+
+@dataclass(frozen=True)
+class Source:
+    """A parsed ``dicomweb://`` URI: where the service is, and which instances the query chooses."""
+
+    url: str  # http(s)://host:port/path, the DICOMweb service root
+    filters: tuple[tuple[str, str], ...] = field(default=())
+
+    @property
+    def search_filters(self) -> dict[str, str]:
+        return dict(self.filters)
+
+    def __str__(self) -> str:  # the service without its filters: safe to log (no credentials are ever in it)
+        return self.url
+
+
+def parse(uri: str) -> Source:
+    parts = urlsplit(str(uri))
+    if parts.scheme not in SCHEMES or not parts.netloc:
+        raise DicomWebError(f"{uri!s:.200}: not a DICOMweb URI; write dicomweb://host:port/path?Filter=value (dicomwebs:// for HTTPS)")
+    if "@" in parts.netloc:
+        raise DicomWebError(
+            f"dicomweb://{parts.hostname}: credentials in the URI are refused; put the Authorization header's value in ${AUTHORIZATION_ENV}"
+        )
+    url = f"{SCHEMES[parts.scheme]}://{parts.netloc}{parts.path.rstrip('/')}"
+    return Source(url, tuple(parse_qsl(parts.query, keep_blank_values=False)))
+
+
+def authorization(env: str | None = None) -> str | None:
+    return os.environ.get(env or os.environ.get("MEDRAY_DICOMWEB_AUTHORIZATION_ENV", AUTHORIZATION_ENV)) or None
+
+
+def timeout() -> float:
+    return float(os.environ.get(TIMEOUT_ENV, TIMEOUT))
+
+
+def client(uri: str | Source):
+    """A ``DICOMwebClient`` for the service, sending the configured Authorization header."""
+    from dicomweb_client.api import DICOMwebClient
+
+    source = uri if isinstance(uri, Source) else parse(uri)
+    token = authorization()
+    headers = {"Authorization": token} if token else None
+    web = DICOMwebClient(url=source.url, headers=headers)
+    web._session.request = _with_timeout(web._session.request, timeout())  # dicomweb-client sets none of its own
+    return web
+
+
+def _with_timeout(request, seconds: float):
+    def bounded(*args, **kwargs):
+        kwargs.setdefault("timeout", seconds)
+        return request(*args, **kwargs)
+
+    return bounded
