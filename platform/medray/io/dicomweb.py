@@ -58,6 +58,22 @@ def parse(uri: str) -> Source:
     return Source(url, tuple(parse_qsl(parts.query, keep_blank_values=False)))
 
 
+def instance_uri(source: Source, study: str, series: str, instance: str) -> str:
+    """The URI of one instance, as listings, manifests and score outputs record it; reading it is one WADO-RS request."""
+    scheme = next(k for k, v in SCHEMES.items() if source.url.startswith(v + "://"))
+    return f"{scheme}://{source.url.split('://', 1)[1]}/studies/{study}/series/{series}/instances/{instance}"
+
+
+def parse_instance(uri: str) -> tuple[Source, str, str, str]:
+    """(service, study UID, series UID, SOP instance UID) of an instance URI made by ``instance_uri``."""
+    source = parse(uri.split("?", 1)[0])
+    root, _, path = source.url.partition("/studies/")
+    parts = path.split("/")
+    if len(parts) != 5 or parts[1] != "series" or parts[3] != "instances" or not all(parts[::2]):
+        raise DicomWebError(f"{uri!s:.200}: not a DICOMweb instance URI (…/studies/UID/series/UID/instances/UID)")
+    return Source(root), parts[0], parts[2], parts[4]
+
+
 def authorization(env: str | None = None) -> str | None:
     return os.environ.get(env or os.environ.get("MEDRAY_DICOMWEB_AUTHORIZATION_ENV", AUTHORIZATION_ENV)) or None
 
