@@ -22,6 +22,12 @@ PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 USER, PASSWORD = "medray", "pacs-test-password"
 
 
+def authorization() -> str:
+    """The Authorization header's value every test PACS expects: the same for each, so that it can be exported
+    before Ray starts (Ray's workers list and fetch instances, and inherit the environment of that moment)."""
+    return "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+
+
 def available() -> bool:
     return shutil.which("Orthanc") is not None and PLUGIN.exists()
 
@@ -83,8 +89,7 @@ def orthanc_server(folder: Path):
     (folder / "orthanc.json").write_text(json.dumps(config))
     log = open(folder / "orthanc.log", "w")  # noqa: SIM115 - closed below
     process = subprocess.Popen(["Orthanc", str(folder / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT)
-    token = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
-    pacs = Pacs(f"http://127.0.0.1:{http_port}", token)
+    pacs = Pacs(f"http://127.0.0.1:{http_port}", authorization())
     try:
         # Readiness is an event (the REST API answers), polled; the deadline only bounds a broken install.
         deadline = time.monotonic() + 120

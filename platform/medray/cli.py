@@ -71,7 +71,7 @@ def _ingest(args, config) -> None:
     from medray.io import storage
 
     try:
-        result = ingest(storage.absolute(args.source), storage.absolute(args.out), config.ingest)
+        result = ingest(storage.absolute(args.source), storage.absolute(args.out), config.ingest, config.dicomweb)
     except MedrayError:
         raise
     except ValueError as err:  # the adapters (medray.data.datasets) report unusable input as ValueError
@@ -80,9 +80,9 @@ def _ingest(args, config) -> None:
 
 
 def _ingest_arguments(parser) -> None:
-    parser.add_argument("source", help="the dataset's label file, .npz or folder, local or s3://")
+    parser.add_argument("source", help="the dataset's label file, .npz or folder, local or s3://; or dicomweb://host:port/root?filters")
     parser.add_argument("out", help="manifest to write, e.g. data/manifest.parquet")
-    _setting(parser, "--format", "ingest.format", choices=["nih-cxr14", "chexpert", "medmnist", "csv", "folder"],
+    _setting(parser, "--format", "ingest.format", choices=["nih-cxr14", "chexpert", "medmnist", "csv", "folder", "dicomweb"],
              help="default: ingest.format of the config (nih-cxr14)")  # fmt: skip
     _setting(parser, "--labels", "ingest.labels", type=_names, help="comma-separated subset of the dataset's labels")
 

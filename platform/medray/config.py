@@ -32,7 +32,7 @@ from pydantic import (
 from medray import safe_yaml
 from medray.choices import BACKBONE_NAMES, augment_params
 from medray.errors import MedrayError
-from medray.io import storage
+from medray.io import dicomweb, storage
 from medray.io.listing import IMAGE_EXTENSIONS
 
 Uri = Annotated[str, AfterValidator(storage.absolute)]
@@ -198,7 +198,9 @@ class EvaluateConfig(_Section):
 
 
 class ScoreConfig(_Section):
-    input: Uri | None = Field(None, description="folder, s3:// prefix (recursive), or a .parquet/.csv manifest with an image column")
+    input: Uri | None = Field(
+        None, description="folder, s3:// prefix (recursive), dicomweb://host:port/root?filters, or a .parquet/.csv manifest"
+    )
     output: Uri | None = Field(None, description="default <storage>/<name>/scores/<first 12 hex digits of the model's sha256>")
     checkpoint: Uri | None = Field(None, description="default: the best checkpoint of this run")
     batch_size: int = Field(64, ge=1)
@@ -241,7 +243,9 @@ class ColumnsConfig(_Section):
 
 
 class IngestConfig(_Section):
-    format: Literal["nih-cxr14", "chexpert", "medmnist", "csv", "folder"] = "nih-cxr14"
+    format: Literal["nih-cxr14", "chexpert", "medmnist", "csv", "folder", "dicomweb"] = Field(
+        "nih-cxr14", description="the source's layout; a dicomweb:// source is always ingested as dicomweb"
+    )
     labels: list[str] | None = Field(None, description="labels (or classes) to ingest; default: all of the dataset's")
     task: Literal["auto", "binary", "multi-label", "multi-class", "ordinal"] = Field(
         "auto", description="csv: multi-label unless set; medmnist: auto detects binary / multi-label / multi-class"
@@ -258,7 +262,7 @@ class IngestConfig(_Section):
     official_val: float = Field(0.1, ge=0, lt=1, description="nih-cxr14: share of train_val patients carved into val")
     seed: int = 0
     check: bool = Field(True, description="decode every image once and quarantine those that fail")
-    dicom_ids: bool | None = Field(None, description="patient/study IDs from DICOM headers; default: only for folder")
+    dicom_ids: bool | None = Field(None, description="patient/study IDs from DICOM headers; default: only for folder and dicomweb")
     pseudonymise: bool | None = Field(
         None, description="IDs → keyed hashes: true all, false none; default: the IDs read from DICOM headers"
     )
@@ -278,6 +282,21 @@ class S3Config(_Section):
     connect_timeout: float = Field(storage.CONNECT_TIMEOUT, gt=0, description="seconds to wait for a connection to the store")
     read_timeout: float = Field(storage.READ_TIMEOUT, gt=0, description="seconds to wait for each answer of the store")
     attempts: int = Field(storage.ATTEMPTS, ge=1, le=10, description="tries per request, the first included, before a job fails")
+
+
+class DicomWebConfig(_Section):
+    """A PACS as a source (``dicomweb://host:port/root?Filter=value``, for ingest and score.input); see medray.io.pacs."""
+
+    authorization_env: str = Field(
+        dicomweb.AUTHORIZATION_ENV, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="environment variable holding the Authorization header's value (never the value itself)",
+    )  # fmt: skip
+    page_size: int = Field(dicomweb.PAGE_SIZE, ge=1, le=100_000, description="QIDO-RS results per request (limit/offset)")
+    timeout: float = Field(dicomweb.TIMEOUT, gt=0, description="seconds to wait for each answer of the PACS")
+    labels: Uri | None = Field(None, description="ingest: CSV or Parquet table of 0/1 label columns and a label_key column")
+    label_key: Literal["AccessionNumber", "StudyInstanceUID", "SOPInstanceUID"] = Field(
+        "AccessionNumber", description="ingest: the column of the labels table (and the DICOM attribute) instances are matched by"
+    )
 
 
 class WsiConfig(_Section):
@@ -318,6 +337,7 @@ class JobConfig(_Section):
     tune: SweepConfig = SweepConfig()
     ingest: IngestConfig = IngestConfig()
     s3: S3Config = S3Config()
+    dicomweb: DicomWebConfig = DicomWebConfig()
     wsi: WsiConfig = WsiConfig()
     audit: AuditConfig = AuditConfig()
     tracking: TrackingConfig = TrackingConfig()

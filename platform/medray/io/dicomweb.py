@@ -11,6 +11,7 @@ Clients come from ``dicomweb-client`` (QIDO-RS, WADO-RS, STOW-RS), which parses 
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, urlsplit
@@ -19,8 +20,11 @@ from medray.errors import MedrayError
 
 SCHEMES = {"dicomweb": "http", "dicomwebs": "https"}
 AUTHORIZATION_ENV = "MEDRAY_DICOMWEB_AUTHORIZATION"
+AUTHORIZATION_ENV_ENV = "MEDRAY_DICOMWEB_AUTHORIZATION_ENV"  # names the variable when dicomweb.authorization_env does
 TIMEOUT_ENV = "MEDRAY_DICOMWEB_TIMEOUT"
 TIMEOUT = 30.0  # seconds per request: a PACS that stops answering fails a request, not the whole job
+PAGE_SIZE_ENV = "MEDRAY_DICOMWEB_PAGE_SIZE"
+PAGE_SIZE = 500  # QIDO-RS results per request (limit/offset); many servers cap a page near 1000
 
 
 class DicomWebError(MedrayError, ConnectionError):
@@ -74,12 +78,30 @@ def parse_instance(uri: str) -> tuple[Source, str, str, str]:
     return Source(root), parts[0], parts[2], parts[4]
 
 
+def configure(authorization_env: str | None = None, page_size: int | None = None, timeout: float | None = None) -> None:
+    """The ``dicomweb`` config section, as variables of this process set before Ray starts, so that Ray's
+    local workers (which list and fetch) inherit them, as ``storage.configure_s3`` does for S3. The
+    credentials themselves stay in the variable the user exported; only its name travels here."""
+    for variable, value in ((AUTHORIZATION_ENV_ENV, authorization_env), (PAGE_SIZE_ENV, page_size), (TIMEOUT_ENV, timeout)):
+        if value is not None:
+            os.environ[variable] = str(value)
+
+
+def authorization_env() -> str:
+    """The name of the variable that holds the Authorization header's value."""
+    return os.environ.get(AUTHORIZATION_ENV_ENV) or AUTHORIZATION_ENV
+
+
 def authorization(env: str | None = None) -> str | None:
-    return os.environ.get(env or os.environ.get("MEDRAY_DICOMWEB_AUTHORIZATION_ENV", AUTHORIZATION_ENV)) or None
+    return os.environ.get(env or authorization_env()) or None
 
 
 def timeout() -> float:
     return float(os.environ.get(TIMEOUT_ENV, TIMEOUT))
+
+
+def page_size() -> int:
+    return int(os.environ.get(PAGE_SIZE_ENV, PAGE_SIZE))
 
 
 def client(uri: str | Source):
@@ -89,8 +111,10 @@ def client(uri: str | Source):
     source = uri if isinstance(uri, Source) else parse(uri)
     token = authorization()
     headers = {"Authorization": token} if token else None
+    if "timeout" in inspect.signature(DICOMwebClient).parameters:  # dicomweb-client >= 0.60 passes its own (20 s) to every request
+        return DICOMwebClient(url=source.url, headers=headers, timeout=timeout())
     web = DICOMwebClient(url=source.url, headers=headers)
-    web._session.request = _with_timeout(web._session.request, timeout())  # dicomweb-client sets none of its own
+    web._session.request = _with_timeout(web._session.request, timeout())  # older ones set none
     return web
 
 

@@ -20,6 +20,7 @@ from PIL import Image, ImageMode, UnidentifiedImageError
 from medray.errors import MedrayError
 from medray.io import storage
 from medray.io.dicom import DicomError, decode_dicom, is_dicom
+from medray.io.dicomweb import DicomWebError
 
 MAX_BYTES = 256 * 1024 * 1024  # decoded size of one input: a 16-bit 11,500² image, 8-bit RGB 9,400², 512 CT slices of 512²
 
@@ -97,6 +98,8 @@ def read(uri: str) -> bytes:
         return storage.read_bytes(uri)
     except FileNotFoundError:
         raise ImageError(f"{uri}: image file not found") from None
+    except DicomWebError:  # already one line naming the instance and what the PACS answered
+        raise
     except storage.NotRegularFileError as err:
         raise ImageError(str(err)) from None
     except OSError as err:

@@ -42,6 +42,7 @@ from medray.errors import MedrayError
 from medray.evaluation.calibration import CALIBRATION_FILE
 from medray.evaluation.predict import predict
 from medray.io import storage
+from medray.io.dicomweb import DicomWebError
 from medray.io.listing import Entry, walk
 from medray.training import checkpoint
 
@@ -87,7 +88,7 @@ def iter_inputs(source: str, extensions: tuple[str, ...]) -> Iterator[Entry]:
 def manifest_uri(folder: str, uri) -> str:
     """A manifest's relative path starts at the manifest's folder (local or S3), wherever the worker runs."""
     uri = str(uri).strip()
-    if storage.is_s3(uri) or os.path.isabs(uri) or not uri:
+    if storage.is_remote(uri) or os.path.isabs(uri) or not uri:
         return uri
     if storage.is_s3(folder):
         return storage.S3 + posixpath.normpath(posixpath.join(folder[len(storage.S3) :], uri))
@@ -257,8 +258,9 @@ def score(config: JobConfig) -> ScoreSummary:
     try:
         for batch in scored.iter_batches(batch_size=None, batch_format="pandas"):
             writer.add(batch.assign(calibrated=calibrated))
-    except ScoreError as err:  # raised by the listing task: Ray adds the task's traceback and advice; our message is its first line
-        raise ScoreError(str(getattr(err, "cause", None) or err).splitlines()[0]) from None
+    except (ScoreError, DicomWebError) as err:  # from the listing task: Ray adds the task's traceback; our message is its first line
+        cause = getattr(err, "cause", None) or err
+        raise type(cause)(str(cause).splitlines()[0]) from None
     if writer.pending:
         raise ScoreError(f"{output}: parts {sorted(writer.pending)} came back incomplete")
 
