@@ -142,7 +142,7 @@ def test_ingest_over_dicomweb_takes_pseudonymised_ids_from_headers_and_labels_by
 
 def test_ingesting_a_pacs_without_a_labels_table_says_what_to_set(orthanc, archive, tmp_path):
     config = build_config({})
-    with pytest.raises(ValueError, match=r"needs a labels table: set dicomweb\.labels to .* AccessionNumber .* score\.input: dicomweb://"):
+    with pytest.raises(ValueError, match=r"needs a labels table: set dicomweb\.labels to .* AccessionNumber .*score\.input: dicomweb://"):
         ingest(f"{orthanc.uri}?{IN_2019}", str(tmp_path / "m.parquet"), config.ingest, config.dicomweb)
 
 
