@@ -32,6 +32,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import uuid
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -113,10 +114,8 @@ def frozen_thresholds(run_dir: str, checkpoint_uri: str, model_sha256: str, labe
 
 
 def report_uids(model_sha256: str, study_uid: str) -> tuple[str, str]:
-    """(series UID, SOP Instance UID) of the study's SR from this model: the same on every run (2.25.… UIDs)."""
-    from pydicom.uid import generate_uid
-
-    return tuple(generate_uid(prefix=None, entropy_srcs=[NAMESPACE, model_sha256, study_uid, kind]) for kind in ("series", "sop"))
+    """(series UID, SOP Instance UID) of the study's SR from this model: the same on every run."""
+    return _uid(model_sha256, study_uid, "series"), _uid(model_sha256, study_uid, "sop")
 
 
 @dataclass(frozen=True)
@@ -294,9 +293,9 @@ def build_report(header, instances: list[Instance], probabilities: pd.DataFrame,
 
 
 def _uid(*parts: str) -> str:
-    from pydicom.uid import generate_uid
-
-    return generate_uid(prefix=None, entropy_srcs=[NAMESPACE, *parts])
+    """A name-based UUID as a 2.25.… UID (ISO/IEC 9834-8): the same parts give the same UID, on any machine.
+    (pydicom's ``generate_uid(prefix=None, entropy_srcs=…)`` ignores its sources and draws a random one.)"""
+    return f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, chr(0).join([NAMESPACE, *parts])).int}"
 
 
 def _deliver(report, instances: list[Instance], output: str) -> None:
@@ -360,3 +359,27 @@ def write_reports(scores: pd.DataFrame, model: Model, output: str, workers: int 
                 counts.reports, counts.instances = counts.reports + 1, counts.instances + len(rows)
     counts.failed = dict(failed)
     return counts
+
+
+def report_scores(config, output: str, checkpoint_uri: str, model_sha256: str, calibrated: bool) -> tuple[int, dict]:
+    """``score.dicom_sr``: the SRs of a completed score output; (reports, counts) for ``_summary.json``."""
+    import pyarrow.parquet as pq
+
+    from medray.training import checkpoint
+
+    meta = checkpoint.read_meta(checkpoint_uri)
+    labels, task = list(meta["labels"]), meta.get("task", "multi-label")
+    thresholds, rule = frozen_thresholds(config.run_dir, checkpoint_uri, model_sha256, labels, task, calibrated)
+    model = Model(f"{meta['backbone']} · {config.name}", model_sha256, thresholds, rule)
+    fs, path = storage.filesystem(output)
+    scores = pq.read_table(path, filesystem=fs, columns=["image", "error", *(f"prob_{label}" for label in labels)]).to_pandas()
+    counts = write_reports(scores, model, output)
+    where = (
+        "STOW-RS to the DICOMweb source"
+        if counts.reports and scores["image"].map(dicomweb.is_dicomweb).any()
+        else storage.join(output, SR_FOLDER)
+    )
+    log.info("DICOM SR: %d studies reported (%d instances) → %s; no SR for %d non-DICOM inputs, %d rows with errors, %d studies all errors%s",
+             counts.reports, counts.instances, where, counts.not_dicom, counts.error_rows, counts.studies_all_errors,
+             "".join(f", {n} {why}" for why, n in counts.failed.items()))  # fmt: skip
+    return counts.reports, counts.as_dict()
