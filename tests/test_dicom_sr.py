@@ -162,10 +162,11 @@ def test_a_folder_gets_one_sr_file_per_study_with_the_scores_and_the_val_thresho
         assert path.name == f"{sr.SOPInstanceUID}.dcm"
     assert set(verdicts) == {"Present", "Absent"}  # the thresholds were applied, not a constant verdict
 
+    uids = [(sr.SeriesInstanceUID, sr.SOPInstanceUID) for sr in map(pydicom.dcmread, reports)]
     again = score(job(tmp_path, model, archive, output, dicom_sr=True))
     assert again.dicom_sr == len(STUDIES)
     assert sorted((output / SR_FOLDER).iterdir()) == reports  # the same SOP Instance UIDs: replaced, not added
-    assert [pydicom.dcmread(p).SeriesInstanceUID for p in reports] == [pydicom.dcmread(p).SeriesInstanceUID for p in reports]
+    assert [(sr.SeriesInstanceUID, sr.SOPInstanceUID) for sr in map(pydicom.dcmread, reports)] == uids
 
 
 def test_without_an_evaluation_of_this_model_the_threshold_is_one_half_and_the_sr_says_so(tmp_path):
