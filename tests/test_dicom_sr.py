@@ -180,6 +180,20 @@ def test_without_an_evaluation_of_this_model_the_threshold_is_one_half_and_the_s
     assert thresholds == {"Effusion": 0.5, "Mass": 0.5} and "another model" in rule
 
 
+def test_val_thresholds_are_mapped_through_the_calibration_the_scores_went_through(tmp_path):
+    model = saved_checkpoint(tmp_path / "checkpoint", LABELS)
+    outputs = [{"method": "platt", "slope": 2.0, "intercept": 0.5}, {"method": "none"}]
+    (Path(model) / "calibration.json").write_text(json.dumps({"version": 2, "task": "multi-label", "outputs": outputs}))
+    write_evaluation(tmp_path / "run", model, {"Effusion": 0.3, "Mass": 0.7})
+
+    thresholds, rule = frozen_thresholds(str(tmp_path / "run"), model, "0" * 64, LABELS, "multi-label", True)
+
+    assert thresholds["Effusion"] == pytest.approx(1 / (1 + np.exp(-(2.0 * np.log(0.3 / 0.7) + 0.5))))
+    assert thresholds["Mass"] == pytest.approx(0.7) and "mapped through calibration" in rule
+    thresholds, rule = frozen_thresholds(str(tmp_path / "run"), model, "0" * 64, LABELS, "multi-class", True)
+    assert thresholds == {"Effusion": 0.5, "Mass": 0.5} and "calibrated multi-class" in rule
+
+
 # ---- a PACS over DICOMweb ------------------------------------------------------------------------------------
 
 

@@ -36,7 +36,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -74,9 +74,6 @@ class ReportCounts:
     error_rows: int = 0  # rows with an error: never reported
     studies_all_errors: int = 0  # studies (known from their instance URIs) none of whose rows was scored
     failed: dict[str, int] = field(default_factory=dict)  # reason → instances or studies left out
-
-    def as_dict(self) -> dict:
-        return {k: v for k, v in self.__dict__.items()}
 
 
 # ---- thresholds --------------------------------------------------------------------------------------
@@ -382,4 +379,4 @@ def report_scores(config, output: str, checkpoint_uri: str, model_sha256: str, c
     log.info("DICOM SR: %d studies reported (%d instances) → %s; no SR for %d non-DICOM inputs, %d rows with errors, %d studies all errors%s",
              counts.reports, counts.instances, where, counts.not_dicom, counts.error_rows, counts.studies_all_errors,
              "".join(f", {n} {why}" for why, n in counts.failed.items()))  # fmt: skip
-    return counts.reports, counts.as_dict()
+    return counts.reports, asdict(counts)
