@@ -214,6 +214,9 @@ class ScoreConfig(_Section):
         None, gt=0, lt=1, description="write Grad-CAM PNGs (<output>/_gradcam/) for inputs with a probability at or above this"
     )
     gradcam_max: int = Field(100, ge=1, description="at most this many Grad-CAM images per label, the highest scores first")
+    dicom_sr: bool = Field(
+        False, description="one DICOM SR per scored DICOM study: STOW-RS to a DICOMweb source, else <output>/_dicom_sr/*.dcm"
+    )
 
 
 class TrackingConfig(_Section):

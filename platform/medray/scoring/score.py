@@ -66,6 +66,8 @@ class ScoreSummary:
     model_sha256: str = ""
     calibrated: bool = False
     gradcam: int = 0  # overlays written (score.gradcam_threshold)
+    dicom_sr: int = 0  # structured reports written or stored (score.dicom_sr)
+    dicom_sr_counts: dict | None = None  # what got none, and why (scoring.structured_report.ReportCounts)
     seconds: float = 0.0
 
 
@@ -267,6 +269,10 @@ def score(config: JobConfig) -> ScoreSummary:
     summary = _verify(output, ScoreSummary(output, 0, 0, 0, 0, len(committed), model_sha256, calibrated))
     if s.gradcam_threshold is not None:
         summary.gradcam = len(_gradcam(output, checkpoint_uri, s.gradcam_threshold, s.gradcam_max))
+    if s.dicom_sr:
+        from medray.scoring.structured_report import report_scores
+
+        summary.dicom_sr, summary.dicom_sr_counts = report_scores(config, output, checkpoint_uri, model_sha256, calibrated)
     summary.seconds = round(time.monotonic() - started, 2)
     storage.write_atomic(storage.join(output, SUMMARY), json.dumps(asdict(summary), indent=2).encode())
     log.info("scoring summary: %d inputs, %d scored, %d errors, %d parts (%d from earlier runs) → %s",
