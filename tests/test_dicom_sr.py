@@ -28,7 +28,7 @@ from medray.config import build_config
 from medray.io import dicomweb
 from medray.io.dicomweb import instance_uri
 from medray.scoring.score import SUMMARY, score
-from medray.scoring.structured_report import SR_FOLDER, Model, frozen_thresholds, write_reports
+from medray.scoring.structured_report import SR_FOLDER, Model, frozen_thresholds, report_uids, write_reports
 from test_score_at_scale import read_rows
 
 LABELS = ["Effusion", "Mass"]
@@ -248,3 +248,30 @@ def test_a_pacs_gets_one_sr_per_study_by_stow_rs_and_storing_again_keeps_one(ort
     for study in studies:
         assert [sr.SOPInstanceUID for sr in stored_reports(orthanc, study)] == [stored[study]]
     assert len(orthanc.instances()) == len(sources) + len(studies)
+
+
+def test_scoring_a_pacs_end_to_end_stores_each_study_an_sr_that_matches_the_parquet_rows(orthanc, archive, ray_session, tmp_path):
+    """score.input is the PACS itself: listed by QIDO-RS, read by WADO-RS in Ray's tasks, scored, and each study's
+    SR stored back by STOW-RS — the flow a hospital runs. Without an evaluation of the model, thresholds are 0.5."""
+    sources = headers(archive)
+    for path in sources:
+        orthanc.upload(Path(path))  # uploading again keeps one copy: the SOP Instance UID is Orthanc's key
+    model = saved_checkpoint(tmp_path / "checkpoint", LABELS)
+    source = f"{orthanc.uri}?Modality=OT"  # the archive's images, not SRs an earlier test stored here
+
+    summary = score(job(tmp_path, model, source, tmp_path / "scores", dicom_sr=True))
+
+    rows = read_rows(summary.output)
+    sop = rows["image"].map(lambda uri: dicomweb.parse_instance(uri)[3])
+    assert sorted(sop) == sorted(s.SOPInstanceUID for s in sources.values()) and (rows["error"] == "").all()
+    assert summary.dicom_sr == len(STUDIES)
+    by_sop = rows.assign(sop=sop).set_index("sop")
+    for study in {s.StudyInstanceUID for s in sources.values()}:
+        ours = [sr for sr in stored_reports(orthanc, study) if sr.SeriesInstanceUID == report_uids(summary.model_sha256, study)[0]]
+        assert len(ours) == 1
+        check_report(ours[0], [s for s in sources.values() if s.StudyInstanceUID == study], by_sop,
+                     dict.fromkeys(LABELS, 0.5), summary.model_sha256)  # fmt: skip
+
+    held = len(orthanc.instances())
+    assert score(job(tmp_path, model, source, tmp_path / "scores", dicom_sr=True)).dicom_sr == len(STUDIES)
+    assert len(orthanc.instances()) == held  # the rerun stored the same SOP Instance UIDs: nothing twice
