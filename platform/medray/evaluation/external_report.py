@@ -24,6 +24,10 @@ def _pct(value: float) -> str:
     return "–" if np.isnan(value) else f"{100 * value:.1f} %"
 
 
+def _num(value: float) -> str:
+    return "–" if np.isnan(value) else f"{value:.2f}"
+
+
 def _p(value: float) -> str:
     return "–" if np.isnan(value) else ("< 0.001" if value < 0.001 else f"{value:.3f}")
 
@@ -34,6 +38,8 @@ def sentences(table: pd.DataFrame, name: str) -> list[str]:
     for label, r in table.iterrows():
         direction = "lower" if r["auroc_difference"] < 0 else "higher"
         verdict = f"{direction}, a significant change" if r["auroc_moved"] else "no significant change"
+        if np.isnan(r["auroc_difference"]):  # a site without positives or without negatives has no AUROC
+            verdict = "not comparable: one site has no positive or no negative image"
         lines.append(
             f"{label}: AUROC {ci(r['auroc_external'], r['auroc_lo_external'], r['auroc_hi_external'])} at {name} against "
             f"{ci(r['auroc_internal'], r['auroc_lo_internal'], r['auroc_hi_internal'])} on the internal test split — {verdict} "
@@ -52,7 +58,7 @@ def sentences(table: pd.DataFrame, name: str) -> list[str]:
                 f"{label} calibration: predicted probabilities are on average {abs(100 * r['citl_external']):.1f} percentage points "
                 f"{how} at {name} (internally {100 * r['citl_internal']:+.1f})"
                 + (", beyond chance" if r["miscalibrated_in_the_large"] else ", within chance")
-                + f"; calibration slope {r['calibration_slope_external']:.2f} (internally {r['calibration_slope_internal']:.2f}; "
+                + f"; calibration slope {_num(r['calibration_slope_external'])} (internally {_num(r['calibration_slope_internal'])}; "
                 "1 is ideal, below 1 the predictions are too extreme)."
             )
     return lines
