@@ -191,6 +191,7 @@ def test_the_internal_test_split_as_external_reports_no_difference(internal):
     assert control.summary["internal"].startswith("computed on the test split")
     table = control.table
     assert (table["delong_p"].fillna(1) > 0.05).all() and not table["auroc_moved"].any()
+    assert control.summary["labels_moved"] == [] and not table["miscalibrated_in_the_large"].any()
     assert not table[["sensitivity_moved", "specificity_moved"]].to_numpy().any()
     assert table["auroc_external"].to_numpy() == pytest.approx(table["auroc_internal"].to_numpy())
     # The thresholds it chose on val itself are those the evaluation then chose and froze.

@@ -51,6 +51,10 @@ from medray.training.losses import head_size
 
 log = logging.getLogger(__name__)
 ALPHA = 0.05  # a label or subgroup "moved" when its difference is significant at this level
+# Miscalibrated in the large: the interval of mean predicted − observed excludes 0 *and* the gap is at least this.
+# A model whose outputs sit near 0 and 1 has a bootstrap interval like [0.00001, 0.00003]: beyond chance, of no
+# clinical weight, and flagging it would make every confident model "move".
+CITL_TOLERANCE = 0.01
 SHOWN_METRICS = ("sensitivity", "specificity", "ppv", "npv")
 
 
@@ -200,7 +204,8 @@ def compare_sites(internal: Site, external: Site, labels: list[str], resamples: 
         for metric in ("sensitivity", "specificity"):  # the external value outside the internal 95 % interval
             value, lo, hi = row[f"{metric}_external"], row[f"{metric}_lo_internal"], row[f"{metric}_hi_internal"]
             row[f"{metric}_moved"] = bool(value < lo or value > hi)
-        row["miscalibrated_in_the_large"] = bool(row["citl_lo_external"] > 0 or row["citl_hi_external"] < 0)
+        excludes_zero = row["citl_lo_external"] > 0 or row["citl_hi_external"] < 0
+        row["miscalibrated_in_the_large"] = bool(excludes_zero and abs(row["citl_external"]) >= CITL_TOLERANCE)
         out.append(row)
     return pd.DataFrame(out).set_index("label")
 
@@ -280,7 +285,7 @@ def validate_external(config: JobConfig) -> ExternalValidation:
         "manifest": v.manifest, "rows": which, "images": len(scored), "patients": int(scored["patient_id"].nunique()),
         "failed_images": failed, "internal": internal.source, "internal_images": len(internal.frame),
         "thresholds": thresholds, "threshold_rule": e.threshold, "calibration": methods, "labels_moved": moved,
-        "bootstrap_resamples": e.bootstrap, "alpha": ALPHA,
+        "bootstrap_resamples": e.bootstrap, "alpha": ALPHA, "citl_tolerance": CITL_TOLERANCE,
     }  # fmt: skip
     result = ExternalValidation(table, subgroups, summary)
     result.paths = write(storage.join(config.run_dir, "external", name), result, internal, external, labels, e.calibration_bins)

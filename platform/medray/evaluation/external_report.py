@@ -57,7 +57,7 @@ def sentences(table: pd.DataFrame, name: str) -> list[str]:
             lines.append(
                 f"{label} calibration: predicted probabilities are on average {abs(100 * r['citl_external']):.1f} percentage points "
                 f"{how} at {name} (internally {100 * r['citl_internal']:+.1f})"
-                + (", beyond chance" if r["miscalibrated_in_the_large"] else ", within chance")
+                + (", beyond chance" if r["miscalibrated_in_the_large"] else ", within chance or under one point")
                 + f"; calibration slope {_num(r['calibration_slope_external'])} (internally {_num(r['calibration_slope_internal'])}; "
                 "1 is ideal, below 1 the predictions are too extreme)."
             )
