@@ -259,6 +259,15 @@ def _evaluate(args, config) -> None:
     print(f"mean test AUROC {evaluation.mean_auroc:.3f}\nreport: {evaluation.paths['report.html']}")
 
 
+def _validate_external(args, config) -> None:
+    from medray.evaluation.external import validate_external
+
+    result = validate_external(config)
+    shown = ["prevalence_internal", "prevalence_external", "auroc_internal", "auroc_external", "delong_p", "citl_external"]
+    print(result.table[shown].round(3).to_string())
+    print(f"labels that moved: {', '.join(result.summary['labels_moved']) or 'none'}\nreport: {result.paths['report.html']}")
+
+
 def _score(args, config) -> None:
     from medray.scoring.score import score
 
@@ -341,6 +350,9 @@ COMMANDS: dict[str, Command] = {
         ray=True, job=True,
     ),
     "evaluate": Command(_evaluate, "test-split metrics with intervals, calibration, subgroups and a report", ray=True, job=True),
+    "validate-external": Command(
+        _validate_external, "the frozen model, thresholds and calibration on another site's manifest (validate.manifest)", ray=True, job=True
+    ),
     "score": Command(_score, "score an image archive (Ray Data), exactly once per input", ray=True, job=True),
     "demo": Command(_demo, "the end-to-end demo on generated data", ray=True, job=True),
     "extract-patches": Command(_extract_patches, "whole-slide images → tissue patches (Ray Data)", ray=True, job=True),

@@ -15,6 +15,7 @@ from __future__ import annotations
 import codecs
 import difflib
 import re
+import warnings
 from typing import Annotated, Literal
 
 import yaml
@@ -219,6 +220,16 @@ class ScoreConfig(_Section):
     )
 
 
+class ValidateConfig(_Section):
+    manifest: Uri | None = Field(
+        None, description="medray validate-external: another site's manifest (its test split if it has a split column, else every row)"
+    )
+    name: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="outputs go to <run>/external/<name>/; default: the manifest's file stem"
+    )
+    checkpoint: Uri | None = Field(None, description="default: the best checkpoint of this run")
+
+
 class TrackingConfig(_Section):
     tensorboard: bool = Field(True, description="training metrics as TensorBoard files in <run>/tensorboard")
     mlflow_uri: str | None = Field(None, description="MLflow tracking URI; needs the mlflow package installed")
@@ -325,6 +336,11 @@ class WsiConfig(_Section):
     top_k: int = Field(5, ge=1, description="with aggregate: topk, the mean of the k highest patch scores")
 
 
+# The section is called ``validate`` (``--set validate.manifest=…``), which hides pydantic v1's deprecated
+# ``BaseModel.validate`` classmethod that nothing here calls; only that one warning is silenced.
+warnings.filterwarnings("ignore", message='Field name "validate" in "JobConfig" shadows', category=UserWarning)
+
+
 class JobConfig(_Section):
     name: str = Field("demo", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="the run's name: outputs go to <storage>/<name>/")
     storage: Uri = Field("runs", description="local folder or s3:// prefix of the runs; a rerun of a name resumes it")
@@ -337,6 +353,7 @@ class JobConfig(_Section):
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     score: ScoreConfig = ScoreConfig()
+    validate: ValidateConfig = ValidateConfig()
     tune: SweepConfig = SweepConfig()
     ingest: IngestConfig = IngestConfig()
     s3: S3Config = S3Config()
