@@ -10,7 +10,9 @@ deflated file is inflated here, header first and never beyond what the limit all
 
 Privacy: no message built here contains a header value, only the URI and what is wrong; pydicom's
 own exception text is reduced to its class name for the same reason, and every header value is
-read inside ``private()``, where pydicom's validation (whose warnings quote values) is off.
+read inside ``private()``, where pydicom's validation (whose warnings quote values) is off. The facts
+kept for drift monitoring (``acquisition``) are coarse codes (Modality, ViewPosition, bits stored) and a
+digest of InstitutionName, never a patient field.
 """
 
 from __future__ import annotations
