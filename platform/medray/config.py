@@ -230,6 +230,29 @@ class ValidateConfig(_Section):
     checkpoint: Uri | None = Field(None, description="default: the best checkpoint of this run")
 
 
+class DriftConfig(_Section):
+    """Limits of ``medray drift RUN_A RUN_B`` (docs/operations.md explains the defaults); thresholds also
+    give the share above threshold that each scoring run's ``_summary.json`` keeps."""
+
+    threshold: float = Field(0.5, gt=0, lt=1, description="operating threshold of every label not in thresholds")
+    thresholds: dict[str, float] = Field(default_factory=dict, description="per-label operating thresholds, e.g. the evaluation's val-chosen ones")
+    psi: float = Field(0.2, gt=0, description="population stability index of a label's scores (and of mean intensity)")
+    ks: float = Field(0.1, gt=0, le=1, description="two-sample Kolmogorov–Smirnov statistic of a label's scores")
+    positive_rate: float = Field(0.05, gt=0, le=1, description="absolute change of a label's share at or above its threshold")
+    error_rate: float = Field(0.02, gt=0, le=1, description="absolute change of the share of inputs that could not be scored")
+    mean_intensity: float = Field(10.0, gt=0, description="absolute change of the mean gray level (0–255) of the inputs")
+    image_size: float = Field(0.2, gt=0, description="relative change of the mean stored width or height")
+    category_share: float = Field(0.1, gt=0, le=1, description="absolute change of a modality/view/site/bit-depth category's share")
+    new_category: float = Field(0.01, ge=0, le=1, description="share at which a category absent from RUN_A is flagged")
+
+    @model_validator(mode="after")
+    def _thresholds_are_probabilities(self):
+        for label, value in self.thresholds.items():
+            if not 0 < value < 1:
+                raise ValueError(f"thresholds.{label} must lie between 0 and 1")
+        return self
+
+
 class TrackingConfig(_Section):
     tensorboard: bool = Field(True, description="training metrics as TensorBoard files in <run>/tensorboard")
     mlflow_uri: str | None = Field(None, description="MLflow tracking URI; needs the mlflow package installed")
@@ -354,6 +377,7 @@ class JobConfig(_Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     score: ScoreConfig = ScoreConfig()
     validate: ValidateConfig = ValidateConfig()
+    drift: DriftConfig = DriftConfig()
     tune: SweepConfig = SweepConfig()
     ingest: IngestConfig = IngestConfig()
     s3: S3Config = S3Config()

@@ -27,7 +27,7 @@ import posixpath
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from itertools import islice
 
 import pandas as pd
@@ -44,6 +44,7 @@ from medray.evaluation.predict import predict
 from medray.io import storage
 from medray.io.dicomweb import DicomWebError
 from medray.io.listing import Entry, walk
+from medray.scoring import statistics
 from medray.training import checkpoint
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ class ScoreSummary:
     dicom_sr: int = 0  # structured reports written or stored (score.dicom_sr)
     dicom_sr_counts: dict | None = None  # what got none, and why (scoring.structured_report.ReportCounts)
     seconds: float = 0.0
+    statistics: dict = field(default_factory=dict)  # inputs and scores, for `medray drift` (medray.scoring.statistics)
 
 
 def iter_inputs(source: str, extensions: tuple[str, ...]) -> Iterator[Entry]:
@@ -255,7 +257,7 @@ def score(config: JobConfig) -> ScoreSummary:
                                 {i: m["inputs_sha256"] for i, m in committed.items()}, output)  # fmt: skip
     # Listing waits on S3, not on a CPU; asking for none keeps it from starving when the actors take all CPUs.
     rows = ray.data.read_datasource(source, override_num_blocks=1, num_cpus=0)
-    scored = predict(rows, checkpoint_uri, s.batch_size, s.actors, calibrated=True, cpus=s.cpus_per_actor)
+    scored = predict(rows, checkpoint_uri, s.batch_size, s.actors, calibrated=True, cpus=s.cpus_per_actor, facts=True)
     writer = _PartWriter(output, model_sha256)
     try:
         for batch in scored.iter_batches(batch_size=None, batch_format="pandas"):
@@ -269,6 +271,7 @@ def score(config: JobConfig) -> ScoreSummary:
     summary = _verify(output, ScoreSummary(output, 0, 0, 0, 0, len(committed), model_sha256, calibrated))
     if s.gradcam_threshold is not None:
         summary.gradcam = len(_gradcam(output, checkpoint_uri, s.gradcam_threshold, s.gradcam_max))
+    summary.statistics = statistics.summarise(output, config.drift.thresholds, config.drift.threshold)
     if s.dicom_sr:
         from medray.scoring.structured_report import report_scores
 
