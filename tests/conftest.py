@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import pytest
 
@@ -68,6 +69,34 @@ def ray_session(s3, pacs_credentials):
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
+
+
+def remove_leftover_placement_groups() -> int:
+    """Removes placement groups nothing should hold any more; returns how many there were.
+
+    A Ray Train V2 run inside a long-lived driver can leave its worker group's placement group behind
+    after ``fit()`` returns (its controller actor lingers; Ray ties such groups to the job's driver, see
+    ray-project/ray#58515). A job submitted with ``ray job submit`` ends and frees it; the test session's
+    one driver does not, and 0.5 CPU held by nothing starves a later test's Ray Data tasks (a sweep trial
+    then waits forever for a whole free CPU on a 2-CPU Ray)."""
+    from ray._raylet import PlacementGroupID
+    from ray.util import placement_group_table, remove_placement_group
+    from ray.util.placement_group import PlacementGroup
+
+    live = [pg for pg, info in placement_group_table().items() if info["state"] in ("PENDING", "CREATED", "RESCHEDULING")]
+    for pg in live:
+        remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(pg))))
+    return len(live)
+
+
+@pytest.fixture(autouse=True)
+def free_ray_between_tests(request):
+    """After each test that used the session's Ray, nothing of it holds CPUs for the next one."""
+    yield
+    if "ray_session" in request.fixturenames:
+        left = remove_leftover_placement_groups()
+        if left:
+            warnings.warn(f"{request.node.nodeid} left {left} Ray placement group(s) behind; removed", stacklevel=1)
 
 
 @pytest.fixture(scope="session")
