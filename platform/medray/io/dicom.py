@@ -21,6 +21,7 @@ import contextlib
 import hashlib
 import io
 import re
+import threading
 import warnings
 import zlib
 
@@ -43,16 +44,38 @@ class DicomError(MedrayError, ValueError):
     pass
 
 
+_private = threading.Lock()
+_inside = 0  # threads now in a private() block
+_undo: contextlib.ExitStack | None = None
+
+
 @contextlib.contextmanager
 def private():
     """Every access to a header happens in here: pydicom converts values lazily, on first access, and its
     validation warnings quote the value (a malformed UID carrying a patient's name would reach stderr and
-    the worker logs). Validation is off and its warnings are silenced, for this block only."""
+    the worker logs). Validation is off and its warnings are silenced while any thread is in such a block.
+
+    Both switches are process-wide, and each saves the state it found to restore it on leaving: two threads
+    nesting plain context managers (SRs read headers in a thread pool) would leave them switched for good
+    when the first to enter leaves first. So the first thread in switches, the last one out restores."""
+    global _inside, _undo
     from pydicom import config
 
-    with warnings.catch_warnings(), config.disable_value_validation():
-        warnings.simplefilter("ignore")
+    with _private:
+        if _inside == 0:
+            _undo = contextlib.ExitStack()
+            _undo.enter_context(warnings.catch_warnings())
+            warnings.simplefilter("ignore")
+            _undo.enter_context(config.disable_value_validation())
+        _inside += 1
+    try:
         yield
+    finally:
+        with _private:
+            _inside -= 1
+            if _inside == 0:
+                _undo.close()
+                _undo = None
 
 
 class _Source:
