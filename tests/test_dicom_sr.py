@@ -28,7 +28,8 @@ from medray.config import build_config
 from medray.io import dicomweb
 from medray.io.dicomweb import instance_uri
 from medray.scoring.score import SUMMARY, score
-from medray.scoring.structured_report import SR_FOLDER, Model, frozen_thresholds, report_uids, write_reports
+from medray.scoring.structured_report import SR_FOLDER, Model, report_uids, write_reports
+from medray.scoring.thresholds import frozen_thresholds
 from test_score_at_scale import read_rows
 
 LABELS = ["Effusion", "Mass"]
@@ -152,6 +153,9 @@ def test_a_folder_gets_one_sr_file_per_study_with_the_scores_and_the_val_thresho
     reports = sorted((output / SR_FOLDER).glob("*.dcm"))
     assert summary.dicom_sr == len(reports) == len(STUDIES)
     counts = json.loads((output / SUMMARY).read_text())["dicom_sr_counts"]
+    statistics = json.loads((output / SUMMARY).read_text())["statistics"]  # drift's share above threshold: the same cut
+    assert {label: statistics["labels"][label]["threshold"] for label in LABELS} == pytest.approx(thresholds)
+    assert statistics["threshold_rule"] == "chosen on the validation split by medray evaluate"
     assert (counts["instances"], counts["not_dicom"], counts["error_rows"]) == (4, 1, 1)  # photo.png, broken.dcm
     by_sop = scored.assign(sop=scored["image"].map(lambda p: sources[p].SOPInstanceUID)).set_index("sop")
     verdicts = []

@@ -171,7 +171,8 @@ class EvaluateConfig(_Section):
         default_factory=dict, description="per label: the prevalence where the model will be used, for PPV/NPV"
     )
     levels: list[Literal["image", "study", "patient"]] = Field(
-        ["image", "study"], description="levels reported (image always): study where the manifest has study_id, patient; each scored by its images' maximum probability"
+        ["image", "study"],
+        description="levels reported (image always): study where the manifest has study_id, patient; each scored by its images' maximum probability",
     )
     rater_votes: Uri | None = Field(
         None, description="CSV of readers' votes (a row per image and rater, a 0/1 column per label): each rater as a point on the ROC"
@@ -234,8 +235,11 @@ class DriftConfig(_Section):
     """Limits of ``medray drift RUN_A RUN_B`` (docs/operations.md explains the defaults); thresholds also
     give the share above threshold that each scoring run's ``_summary.json`` keeps."""
 
-    threshold: float = Field(0.5, gt=0, lt=1, description="operating threshold of every label not in thresholds")
-    thresholds: dict[str, float] = Field(default_factory=dict, description="per-label operating thresholds, e.g. the evaluation's val-chosen ones")
+    threshold: float = Field(0.5, gt=0, lt=1, description="threshold of a label neither in thresholds nor in the run's summary")
+    thresholds: dict[str, float] = Field(
+        default_factory=dict,
+        description="per-label operating thresholds; default: the model's (val-chosen by medray evaluate, as in its SRs)",
+    )
     psi: float = Field(0.2, gt=0, description="population stability index of a label's scores (and of mean intensity)")
     ks: float = Field(0.1, gt=0, le=1, description="two-sample Kolmogorov–Smirnov statistic of a label's scores")
     positive_rate: float = Field(0.05, gt=0, le=1, description="absolute change of a label's share at or above its threshold")

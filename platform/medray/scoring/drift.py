@@ -190,7 +190,8 @@ def _label_checks(label: str, a: _Run, b: _Run, config: DriftConfig) -> list[Che
             source=source,
         ),
     ]
-    cut = config.thresholds.get(label, config.threshold)
+    # The operating threshold run A was scored with (the model's, see scoring.thresholds) unless one is set here.
+    cut = config.thresholds.get(label, sa.get("threshold", config.threshold))
     share_a, share_b = (_share_above(run, values, label, cut) for run, values in ((a, pa), (b, pb)))
     if share_a is not None and share_b is not None:
         checks.append(Check(item, "positive_rate", share_a, share_b, abs(share_b - share_a), config.positive_rate, source=source))

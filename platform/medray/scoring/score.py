@@ -45,6 +45,7 @@ from medray.io import storage
 from medray.io.dicomweb import DicomWebError
 from medray.io.listing import Entry, walk
 from medray.scoring import statistics
+from medray.scoring.thresholds import frozen_thresholds
 from medray.training import checkpoint
 
 log = logging.getLogger(__name__)
@@ -271,7 +272,7 @@ def score(config: JobConfig) -> ScoreSummary:
     summary = _verify(output, ScoreSummary(output, 0, 0, 0, 0, len(committed), model_sha256, calibrated))
     if s.gradcam_threshold is not None:
         summary.gradcam = len(_gradcam(output, checkpoint_uri, s.gradcam_threshold, s.gradcam_max))
-    summary.statistics = statistics.summarise(output, config.drift.thresholds, config.drift.threshold)
+    summary.statistics = _statistics(config, output, checkpoint_uri, model_sha256, calibrated)
     if s.dicom_sr:
         from medray.scoring.structured_report import report_scores
 
@@ -281,6 +282,16 @@ def score(config: JobConfig) -> ScoreSummary:
     log.info("scoring summary: %d inputs, %d scored, %d errors, %d parts (%d from earlier runs) → %s",
              summary.inputs, summary.scored, summary.errors, summary.parts, summary.parts_skipped, output)  # fmt: skip
     return summary
+
+
+def _statistics(config: JobConfig, output: str, checkpoint_uri: str, model_sha256: str, calibrated: bool) -> dict:
+    """What ``medray drift`` compares, with each label's share at or above the model's operating threshold (the
+    one its SRs use) unless ``drift.thresholds`` names another."""
+    meta = checkpoint.read_meta(checkpoint_uri)
+    labels, task = list(meta["labels"]), meta.get("task", "multi-label")
+    frozen, rule = frozen_thresholds(config.run_dir, checkpoint_uri, model_sha256, labels, task, calibrated)
+    rule = "drift.thresholds" if set(config.drift.thresholds) >= set(labels) else rule
+    return {**statistics.summarise(output, {**frozen, **config.drift.thresholds}, config.drift.threshold), "threshold_rule": rule}
 
 
 def _gradcam(output: str, checkpoint_uri: str, threshold: float, most: int) -> list[str]:

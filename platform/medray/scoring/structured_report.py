@@ -30,7 +30,6 @@ Logs and messages hold counts and URIs only, never a header value.
 from __future__ import annotations
 
 import io
-import json
 import logging
 import uuid
 from collections import Counter
@@ -38,16 +37,15 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
-import numpy as np
 import pandas as pd
 
 from medray.io import dicomweb, storage
 from medray.io.dicom import is_dicom, private
+from medray.scoring.thresholds import frozen_thresholds
 
 log = logging.getLogger(__name__)
 SR_FOLDER = "_dicom_sr"
 NAMESPACE = "medray.dicom_sr.v1"  # part of every derived UID: a new layout gets new UIDs
-DEFAULT_THRESHOLD = 0.5
 SCHEME = "99MEDRAY"  # private coding scheme for the findings (the model's labels) and the two numbers
 SERIES_NUMBER, INSTANCE_NUMBER = 7701, 1
 WORKERS = 8
@@ -77,34 +75,6 @@ class ReportCounts:
 
 
 # ---- thresholds --------------------------------------------------------------------------------------
-
-
-def frozen_thresholds(run_dir: str, checkpoint_uri: str, model_sha256: str, labels: list[str], task: str, calibrated: bool):
-    """(threshold per label, rule in words): the val-chosen thresholds of ``<run>/evaluation/metrics.json``
-    when it evaluated this model, on the score output's scale; else ``DEFAULT_THRESHOLD``."""
-    from medray.evaluation import calibration
-    from medray.training import checkpoint
-
-    default = {label: DEFAULT_THRESHOLD for label in labels}
-    uri = storage.join(run_dir, "evaluation", "metrics.json")
-    if not storage.exists(uri):
-        return default, f"{DEFAULT_THRESHOLD} for every finding (this run has no evaluation: medray evaluate chooses thresholds on val)"
-    metrics = json.loads(storage.read_text(uri))
-    evaluated = str(metrics.get("checkpoint", ""))
-    same = evaluated == checkpoint_uri or (storage.exists(evaluated) and checkpoint.identity(evaluated) == model_sha256)
-    table = metrics.get("labels") or {}
-    if not same or not all(isinstance(table.get(label, {}).get("threshold"), (int, float)) for label in labels):
-        return default, f"{DEFAULT_THRESHOLD} for every finding (the run's evaluation is of another model)"
-    chosen = {label: float(table[label]["threshold"]) for label in labels}
-    if not calibrated:
-        return chosen, "chosen on the validation split by medray evaluate"
-    if task != "multi-label":
-        return default, f"{DEFAULT_THRESHOLD} for every finding (calibrated {task} outputs: val thresholds do not map onto them)"
-    fitted = calibration.load(checkpoint_uri, task, len(labels))
-    mapped = fitted.apply(np.array([[chosen[label] for label in labels]]))[0]
-    return dict(
-        zip(labels, map(float, mapped), strict=True)
-    ), "chosen on the validation split by medray evaluate, mapped through calibration.json"
 
 
 # ---- UIDs, headers --------------------------------------------------------------------------------
