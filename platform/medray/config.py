@@ -13,7 +13,6 @@ shown, since a misspelt secret (``slat:``) is still a secret. YAML whose aliases
 from __future__ import annotations
 
 import codecs
-import difflib
 import re
 import warnings
 from typing import Annotated, Literal
@@ -32,6 +31,7 @@ from pydantic import (
 
 from medray import safe_yaml
 from medray.choices import BACKBONE_NAMES, augment_params
+from medray.config_errors import describe
 from medray.errors import MedrayError
 from medray.io import dicomweb, storage
 from medray.io.listing import IMAGE_EXTENSIONS
@@ -39,9 +39,6 @@ from medray.io.listing import IMAGE_EXTENSIONS
 Uri = Annotated[str, AfterValidator(storage.absolute)]
 
 MAX_CONFIG_BYTES = 1_000_000
-MAX_MESSAGE = 2000  # characters of a config error
-SHOWN = 40  # characters of a bad value, or of a key, shown in a config error
-SECRET = re.compile(r"salt|secret|token|passw|key|credential", re.IGNORECASE)
 
 
 def _codec(name: str) -> str:
@@ -427,52 +424,12 @@ def merge(base: dict, update: dict) -> dict:
     return merged
 
 
-def _known(loc: tuple) -> list[str]:
-    """The field names at the level of ``loc``'s last part: what a misspelt key was probably meant to be."""
-    model: type[BaseModel] = JobConfig
-    for part in loc[:-1]:
-        field = model.model_fields.get(str(part))
-        annotation = field.annotation if field else None
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-            return []
-        model = annotation
-    return list(model.model_fields)
-
-
-def _shown(value) -> str | None:
-    """A bad value as an error shows it: a short scalar, a container by its type, a mapping not at all."""
-    if isinstance(value, dict):
-        return None
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return safe_yaml.cut(repr(value), SHOWN)
-    return f"a {type(value).__name__}"
-
-
-def _problem(err: dict) -> str:
-    loc = tuple(safe_yaml.cut(str(p), SHOWN) for p in err["loc"])
-    where = ".".join(loc) or "(top level)"
-    if err["type"] == "extra_forbidden":
-        close = difflib.get_close_matches(loc[-1], _known(loc), n=1)
-        return f"{where}: unknown field" + (f" (did you mean {'.'.join((*loc[:-1], close[0]))}?)" if close else "")
-    secret = any(SECRET.search(p) for p in loc)
-    shown = None if secret or err["type"] in ("missing", "model_type") else _shown(err["input"])
-    return f"{where}: {safe_yaml.cut(err['msg'], 200)}" + (f" (got {shown})" if shown else "")
-
-
-def _describe(error: ValidationError, source: str) -> str:
-    """One bounded line: each bad field, what is wrong with it and, when it is safe and short, the value given."""
-    problems = [_problem(err) for err in error.errors()[:10]]
-    if error.error_count() > 10:
-        problems.append(f"and {error.error_count() - 10} more")
-    return safe_yaml.cut(f"invalid config {source}: " + "; ".join(problems), MAX_MESSAGE)
-
-
 def build_config(raw: dict | None = None, overrides: list[str] | None = None, source: str = "") -> JobConfig:
     data = merge(raw or {}, parse_overrides(overrides or []))
     try:
         return JobConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_describe(err, source)) from None
+        raise ConfigError(describe(err, source, JobConfig)) from None
 
 
 def load_config(path: str | None, overrides: list[str] | None = None) -> JobConfig:
