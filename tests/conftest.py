@@ -33,8 +33,35 @@ def s3():
         yield client, bucket
 
 
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory):
+    """A real PACS (Orthanc with DICOMweb) on 127.0.0.1 with an empty store, for one test module."""
+    from orthanc import available, orthanc_server
+
+    if not available():
+        pytest.skip("Debian's orthanc and orthanc-dicomweb packages are not installed (.ci/run installs them)")
+    with orthanc_server(tmp_path_factory.mktemp("orthanc")) as pacs:
+        yield pacs
+
+
 @pytest.fixture(scope="session")
-def ray_session(s3):
+def pacs_credentials():
+    """The test PACS's credentials in MEDRAY_DICOMWEB_AUTHORIZATION, exported before Ray starts as a user exports
+    them before starting a job: Ray's workers, which list and fetch instances, inherit the environment of that
+    moment, and `orthanc` (module-scoped) starts after the session's Ray. Every test PACS takes these credentials."""
+    from orthanc import authorization
+
+    saved = os.environ.get("MEDRAY_DICOMWEB_AUTHORIZATION")
+    os.environ["MEDRAY_DICOMWEB_AUTHORIZATION"] = authorization()
+    yield
+    if saved is None:
+        os.environ.pop("MEDRAY_DICOMWEB_AUTHORIZATION", None)
+    else:
+        os.environ["MEDRAY_DICOMWEB_AUTHORIZATION"] = saved
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3, pacs_credentials):
     import ray
 
     # With its dashboard, as on a real cluster: Ray Train frees a stopped trial's resources through it.

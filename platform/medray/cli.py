@@ -71,7 +71,7 @@ def _ingest(args, config) -> None:
     from medray.io import storage
 
     try:
-        result = ingest(storage.absolute(args.source), storage.absolute(args.out), config.ingest)
+        result = ingest(storage.absolute(args.source), storage.absolute(args.out), config.ingest, config.dicomweb)
     except MedrayError:
         raise
     except ValueError as err:  # the adapters (medray.data.datasets) report unusable input as ValueError
@@ -80,9 +80,9 @@ def _ingest(args, config) -> None:
 
 
 def _ingest_arguments(parser) -> None:
-    parser.add_argument("source", help="the dataset's label file, .npz or folder, local or s3://")
+    parser.add_argument("source", help="the dataset's label file, .npz or folder, local or s3://; or dicomweb://host:port/root?filters")
     parser.add_argument("out", help="manifest to write, e.g. data/manifest.parquet")
-    _setting(parser, "--format", "ingest.format", choices=["nih-cxr14", "chexpert", "medmnist", "csv", "folder"],
+    _setting(parser, "--format", "ingest.format", choices=["nih-cxr14", "chexpert", "medmnist", "csv", "folder", "dicomweb"],
              help="default: ingest.format of the config (nih-cxr14)")  # fmt: skip
     _setting(parser, "--labels", "ingest.labels", type=_names, help="comma-separated subset of the dataset's labels")
 
@@ -259,6 +259,15 @@ def _evaluate(args, config) -> None:
     print(f"mean test AUROC {evaluation.mean_auroc:.3f}\nreport: {evaluation.paths['report.html']}")
 
 
+def _validate_external(args, config) -> None:
+    from medray.evaluation.external import validate_external
+
+    result = validate_external(config)
+    shown = ["prevalence_internal", "prevalence_external", "auroc_internal", "auroc_external", "delong_p", "citl_external"]
+    print(result.table[shown].round(3).to_string())
+    print(f"labels that moved: {', '.join(result.summary['labels_moved']) or 'none'}\nreport: {result.paths['report.html']}")
+
+
 def _score(args, config) -> None:
     from medray.scoring.score import score
 
@@ -320,6 +329,27 @@ def _prepare(args, config) -> None:
     print(f"{result.images} images decoded at {d.image_size} px in {result.seconds:.0f} s, {result.unreadable} unreadable → {result.uri}")
 
 
+def _drift(args, config) -> None:
+    from medray.scoring.drift import describe, drift
+
+    result = drift(args.run_a, args.run_b, config.drift, args.out, args.allow_different_models)
+    for check in result.flagged:  # one line each, for a scheduler's alert
+        print(f"DRIFT {describe(check)}")
+    if result.flagged:
+        flagged, md = len(result.flagged), result.paths["drift.md"]
+        raise CheckFailed(f"{flagged} of {len(result.checks)} drift checks exceed their limits: see {md}")
+    print(f"no drift beyond the limits ({len(result.checks)} checks): {result.paths['drift.md']}")
+
+
+def _drift_arguments(parser) -> None:
+    parser.add_argument("run_a", help="the reference scoring run: a score output folder (local or s3://) with _summary.json")
+    parser.add_argument("run_b", help="the scoring run to check against it")
+    parser.add_argument("--out", help="folder for drift.json, drift.md and drift.png (default <RUN_B>/_drift)")
+    parser.add_argument("--allow-different-models", action="store_true", help="compare runs whose model_sha256 differs")
+    _setting(parser, "--psi", "drift.psi", type=float, help="limit of the population stability index")
+    _setting(parser, "--ks", "drift.ks", type=float, help="limit of the Kolmogorov–Smirnov statistic")
+
+
 COMMANDS: dict[str, Command] = {
     "demo-data": Command(_demo_data, "write synthetic chest X-rays in the NIH ChestX-ray14 layout", _demo_data_arguments),
     "ingest": Command(_ingest, "dataset layout → canonical manifest (Parquet)", _ingest_arguments, ray=True),
@@ -341,7 +371,11 @@ COMMANDS: dict[str, Command] = {
         ray=True, job=True,
     ),
     "evaluate": Command(_evaluate, "test-split metrics with intervals, calibration, subgroups and a report", ray=True, job=True),
+    "validate-external": Command(
+        _validate_external, "the frozen model, thresholds and calibration on another site's manifest (validate.manifest)", ray=True, job=True
+    ),
     "score": Command(_score, "score an image archive (Ray Data), exactly once per input", ray=True, job=True),
+    "drift": Command(_drift, "what moved between two scoring runs of one model (PSI, KS, inputs); exit 1 if flagged", _drift_arguments),
     "demo": Command(_demo, "the end-to-end demo on generated data", ray=True, job=True),
     "extract-patches": Command(_extract_patches, "whole-slide images → tissue patches (Ray Data)", ray=True, job=True),
     "augment-preview": Command(_augment_preview, "a grid of training images and draws of the augmentation policy (PNG)", _augment_preview_arguments),

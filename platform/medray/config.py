@@ -13,8 +13,8 @@ shown, since a misspelt secret (``slat:``) is still a secret. YAML whose aliases
 from __future__ import annotations
 
 import codecs
-import difflib
 import re
+import warnings
 from typing import Annotated, Literal
 
 import yaml
@@ -31,16 +31,14 @@ from pydantic import (
 
 from medray import safe_yaml
 from medray.choices import BACKBONE_NAMES, augment_params
+from medray.config_errors import describe
 from medray.errors import MedrayError
-from medray.io import storage
+from medray.io import dicomweb, storage
 from medray.io.listing import IMAGE_EXTENSIONS
 
 Uri = Annotated[str, AfterValidator(storage.absolute)]
 
 MAX_CONFIG_BYTES = 1_000_000
-MAX_MESSAGE = 2000  # characters of a config error
-SHOWN = 40  # characters of a bad value, or of a key, shown in a config error
-SECRET = re.compile(r"salt|secret|token|passw|key|credential", re.IGNORECASE)
 
 
 def _codec(name: str) -> str:
@@ -170,7 +168,8 @@ class EvaluateConfig(_Section):
         default_factory=dict, description="per label: the prevalence where the model will be used, for PPV/NPV"
     )
     levels: list[Literal["image", "study", "patient"]] = Field(
-        ["image", "study"], description="levels reported (image always): study where the manifest has study_id, patient; each scored by its images' maximum probability"
+        ["image", "study"],
+        description="levels reported (image always): study where the manifest has study_id, patient; each scored by its images' maximum probability",
     )
     rater_votes: Uri | None = Field(
         None, description="CSV of readers' votes (a row per image and rater, a 0/1 column per label): each rater as a point on the ROC"
@@ -198,7 +197,9 @@ class EvaluateConfig(_Section):
 
 
 class ScoreConfig(_Section):
-    input: Uri | None = Field(None, description="folder, s3:// prefix (recursive), or a .parquet/.csv manifest with an image column")
+    input: Uri | None = Field(
+        None, description="folder, s3:// prefix (recursive), dicomweb://host:port/root?filters, or a .parquet/.csv manifest"
+    )
     output: Uri | None = Field(None, description="default <storage>/<name>/scores/<first 12 hex digits of the model's sha256>")
     checkpoint: Uri | None = Field(None, description="default: the best checkpoint of this run")
     batch_size: int = Field(64, ge=1)
@@ -212,6 +213,45 @@ class ScoreConfig(_Section):
         None, gt=0, lt=1, description="write Grad-CAM PNGs (<output>/_gradcam/) for inputs with a probability at or above this"
     )
     gradcam_max: int = Field(100, ge=1, description="at most this many Grad-CAM images per label, the highest scores first")
+    dicom_sr: bool = Field(
+        False, description="one DICOM SR per scored DICOM study: STOW-RS to a DICOMweb source, else <output>/_dicom_sr/*.dcm"
+    )
+
+
+class ValidateConfig(_Section):
+    manifest: Uri | None = Field(
+        None, description="medray validate-external: another site's manifest (its test split if it has a split column, else every row)"
+    )
+    name: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="outputs go to <run>/external/<name>/; default: the manifest's file stem"
+    )
+    checkpoint: Uri | None = Field(None, description="default: the best checkpoint of this run")
+
+
+class DriftConfig(_Section):
+    """Limits of ``medray drift RUN_A RUN_B`` (docs/operations.md explains the defaults); thresholds also
+    give the share above threshold that each scoring run's ``_summary.json`` keeps."""
+
+    threshold: float = Field(0.5, gt=0, lt=1, description="threshold of a label neither in thresholds nor in the run's summary")
+    thresholds: dict[str, float] = Field(
+        default_factory=dict,
+        description="per-label operating thresholds; default: the model's (val-chosen by medray evaluate, as in its SRs)",
+    )
+    psi: float = Field(0.2, gt=0, description="population stability index of a label's scores (and of mean intensity)")
+    ks: float = Field(0.1, gt=0, le=1, description="two-sample Kolmogorov–Smirnov statistic of a label's scores")
+    positive_rate: float = Field(0.05, gt=0, le=1, description="absolute change of a label's share at or above its threshold")
+    error_rate: float = Field(0.02, gt=0, le=1, description="absolute change of the share of inputs that could not be scored")
+    mean_intensity: float = Field(10.0, gt=0, description="absolute change of the mean gray level (0–255) of the inputs")
+    image_size: float = Field(0.2, gt=0, description="relative change of the mean stored width or height")
+    category_share: float = Field(0.1, gt=0, le=1, description="absolute change of a modality/view/site/bit-depth category's share")
+    new_category: float = Field(0.01, ge=0, le=1, description="share at which a category absent from RUN_A is flagged")
+
+    @model_validator(mode="after")
+    def _thresholds_are_probabilities(self):
+        for label, value in self.thresholds.items():
+            if not 0 < value < 1:
+                raise ValueError(f"thresholds.{label} must lie between 0 and 1")
+        return self
 
 
 class TrackingConfig(_Section):
@@ -241,7 +281,9 @@ class ColumnsConfig(_Section):
 
 
 class IngestConfig(_Section):
-    format: Literal["nih-cxr14", "chexpert", "medmnist", "csv", "folder"] = "nih-cxr14"
+    format: Literal["nih-cxr14", "chexpert", "medmnist", "csv", "folder", "dicomweb"] = Field(
+        "nih-cxr14", description="the source's layout; a dicomweb:// source is always ingested as dicomweb"
+    )
     labels: list[str] | None = Field(None, description="labels (or classes) to ingest; default: all of the dataset's")
     task: Literal["auto", "binary", "multi-label", "multi-class", "ordinal"] = Field(
         "auto", description="csv: multi-label unless set; medmnist: auto detects binary / multi-label / multi-class"
@@ -258,7 +300,7 @@ class IngestConfig(_Section):
     official_val: float = Field(0.1, ge=0, lt=1, description="nih-cxr14: share of train_val patients carved into val")
     seed: int = 0
     check: bool = Field(True, description="decode every image once and quarantine those that fail")
-    dicom_ids: bool | None = Field(None, description="patient/study IDs from DICOM headers; default: only for folder")
+    dicom_ids: bool | None = Field(None, description="patient/study IDs from DICOM headers; default: only for folder and dicomweb")
     pseudonymise: bool | None = Field(
         None, description="IDs → keyed hashes: true all, false none; default: the IDs read from DICOM headers"
     )
@@ -278,6 +320,21 @@ class S3Config(_Section):
     connect_timeout: float = Field(storage.CONNECT_TIMEOUT, gt=0, description="seconds to wait for a connection to the store")
     read_timeout: float = Field(storage.READ_TIMEOUT, gt=0, description="seconds to wait for each answer of the store")
     attempts: int = Field(storage.ATTEMPTS, ge=1, le=10, description="tries per request, the first included, before a job fails")
+
+
+class DicomWebConfig(_Section):
+    """A PACS as a source (``dicomweb://host:port/root?Filter=value``, for ingest and score.input); see medray.io.pacs."""
+
+    authorization_env: str = Field(
+        dicomweb.AUTHORIZATION_ENV, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="environment variable holding the Authorization header's value (never the value itself)",
+    )  # fmt: skip
+    page_size: int = Field(dicomweb.PAGE_SIZE, ge=1, le=100_000, description="QIDO-RS results per request (limit/offset)")
+    timeout: float = Field(dicomweb.TIMEOUT, gt=0, description="seconds to wait for each answer of the PACS")
+    labels: Uri | None = Field(None, description="ingest: CSV or Parquet table of 0/1 label columns and a label_key column")
+    label_key: Literal["AccessionNumber", "StudyInstanceUID", "SOPInstanceUID"] = Field(
+        "AccessionNumber", description="ingest: the column of the labels table (and the DICOM attribute) instances are matched by"
+    )
 
 
 class WsiConfig(_Section):
@@ -303,6 +360,11 @@ class WsiConfig(_Section):
     top_k: int = Field(5, ge=1, description="with aggregate: topk, the mean of the k highest patch scores")
 
 
+# The section is called ``validate`` (``--set validate.manifest=…``), which hides pydantic v1's deprecated
+# ``BaseModel.validate`` classmethod that nothing here calls; only that one warning is silenced.
+warnings.filterwarnings("ignore", message='Field name "validate" in "JobConfig" shadows', category=UserWarning)
+
+
 class JobConfig(_Section):
     name: str = Field("demo", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="the run's name: outputs go to <storage>/<name>/")
     storage: Uri = Field("runs", description="local folder or s3:// prefix of the runs; a rerun of a name resumes it")
@@ -315,9 +377,12 @@ class JobConfig(_Section):
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     score: ScoreConfig = ScoreConfig()
+    validate: ValidateConfig = ValidateConfig()
+    drift: DriftConfig = DriftConfig()
     tune: SweepConfig = SweepConfig()
     ingest: IngestConfig = IngestConfig()
     s3: S3Config = S3Config()
+    dicomweb: DicomWebConfig = DicomWebConfig()
     wsi: WsiConfig = WsiConfig()
     audit: AuditConfig = AuditConfig()
     tracking: TrackingConfig = TrackingConfig()
@@ -359,52 +424,12 @@ def merge(base: dict, update: dict) -> dict:
     return merged
 
 
-def _known(loc: tuple) -> list[str]:
-    """The field names at the level of ``loc``'s last part: what a misspelt key was probably meant to be."""
-    model: type[BaseModel] = JobConfig
-    for part in loc[:-1]:
-        field = model.model_fields.get(str(part))
-        annotation = field.annotation if field else None
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-            return []
-        model = annotation
-    return list(model.model_fields)
-
-
-def _shown(value) -> str | None:
-    """A bad value as an error shows it: a short scalar, a container by its type, a mapping not at all."""
-    if isinstance(value, dict):
-        return None
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return safe_yaml.cut(repr(value), SHOWN)
-    return f"a {type(value).__name__}"
-
-
-def _problem(err: dict) -> str:
-    loc = tuple(safe_yaml.cut(str(p), SHOWN) for p in err["loc"])
-    where = ".".join(loc) or "(top level)"
-    if err["type"] == "extra_forbidden":
-        close = difflib.get_close_matches(loc[-1], _known(loc), n=1)
-        return f"{where}: unknown field" + (f" (did you mean {'.'.join((*loc[:-1], close[0]))}?)" if close else "")
-    secret = any(SECRET.search(p) for p in loc)
-    shown = None if secret or err["type"] in ("missing", "model_type") else _shown(err["input"])
-    return f"{where}: {safe_yaml.cut(err['msg'], 200)}" + (f" (got {shown})" if shown else "")
-
-
-def _describe(error: ValidationError, source: str) -> str:
-    """One bounded line: each bad field, what is wrong with it and, when it is safe and short, the value given."""
-    problems = [_problem(err) for err in error.errors()[:10]]
-    if error.error_count() > 10:
-        problems.append(f"and {error.error_count() - 10} more")
-    return safe_yaml.cut(f"invalid config {source}: " + "; ".join(problems), MAX_MESSAGE)
-
-
 def build_config(raw: dict | None = None, overrides: list[str] | None = None, source: str = "") -> JobConfig:
     data = merge(raw or {}, parse_overrides(overrides or []))
     try:
         return JobConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_describe(err, source)) from None
+        raise ConfigError(describe(err, source, JobConfig)) from None
 
 
 def load_config(path: str | None, overrides: list[str] | None = None) -> JobConfig:

@@ -1,4 +1,4 @@
-"""Starting a job: the validated config, the S3 settings every client must share, then Ray.
+"""Starting a job: the validated config, the S3 and DICOMweb settings every client must share, then Ray.
 
 ``start`` is what the command line does before each verb, and what a Python user calls before the
 job functions (``medray.start("job.yaml")``), so that both see the same S3 endpoint and the same Ray.
@@ -12,11 +12,11 @@ import sys
 from pathlib import Path
 
 from medray.config import JobConfig, load_config
-from medray.io import storage
+from medray.io import dicomweb, storage
 
 
 def start(config: JobConfig | str | None = None, overrides: list[str] | None = None, ray: bool = True) -> JobConfig:
-    """The config (a ``JobConfig``, or a YAML path plus ``--set``-style overrides), with its S3 settings
+    """The config (a ``JobConfig``, or a YAML path plus ``--set``-style overrides), with its S3 and DICOMweb settings
     applied to this process's environment *before* Ray starts, so that Ray's local workers inherit them."""
     if not isinstance(config, JobConfig):
         config = load_config(config, overrides)
@@ -24,6 +24,7 @@ def start(config: JobConfig | str | None = None, overrides: list[str] | None = N
         raise TypeError("overrides apply to a config file; edit a JobConfig with model_copy(update=...)")
     s3 = config.s3
     storage.configure_s3(s3.endpoint_url, s3.region, s3.connect_timeout, s3.read_timeout, s3.attempts)
+    dicomweb.configure(config.dicomweb.authorization_env, config.dicomweb.page_size, config.dicomweb.timeout)
     if ray:
         init_ray()
     return config

@@ -312,3 +312,36 @@ def _parse(raw, task: str, uri: str) -> Calibration:
         if output["method"] == "temperature" and not output["temperature"] > 0:
             raise CalibrationError(f"{uri}: output {k} has a temperature of {output['temperature']}; it must be positive")
     return Calibration(raw.get("task", task), tuple(outputs))
+
+
+# ---- calibration of fixed probabilities on new data (external validation) ----------------------
+
+
+def calibration_in_the_large(y, p) -> dict[str, float]:
+    """Whether predictions are too high or too low on average: ``mean_difference`` = mean predicted −
+    observed rate, and ``intercept``, the logistic intercept with logit(p) as an offset (slope fixed at 1):
+    0 when calibrated in the large, > 0 when the model under-predicts, < 0 when it over-predicts."""
+    y, p = np.asarray(y, float), np.asarray(p, float)
+    keep = ~np.isnan(y) & ~np.isnan(p)
+    y, z = y[keep], _logit(p[keep])
+    nan = float("nan")
+    if len(y) == 0:
+        return {"mean_difference": nan, "intercept": nan}
+    difference = float(_sigmoid(z).mean() - y.mean())
+    if len(np.unique(y)) < 2:  # all one class: the intercept runs off to ±∞
+        return {"mean_difference": difference, "intercept": nan}
+    # The score equation Σ (y − σ(a + z)) = 0 has one root, the log loss being convex in a.
+    found = minimize_scalar(lambda a: _log_loss(y, _sigmoid(a + z)), bounds=(-20, 20), method="bounded")
+    return {"mean_difference": difference, "intercept": float(found.x)}
+
+
+def calibration_slope(y, p) -> float:
+    """The slope of the logistic regression of the outcome on logit(p): 1 when the spread of the predictions
+    is right, < 1 when they are too extreme (overfitting, or a new site's images), > 1 when too timid.
+    NaN with a single class, or when p separates the classes (the slope is then unbounded)."""
+    y, p = np.asarray(y, float), np.asarray(p, float)
+    keep = ~np.isnan(y) & ~np.isnan(p)
+    y, z = y[keep], _logit(p[keep])
+    if len(np.unique(y)) < 2 or z[y == 0].max() < z[y == 1].min():
+        return float("nan")
+    return float(LogisticRegression(C=np.inf).fit(z.reshape(-1, 1), y).coef_[0, 0])

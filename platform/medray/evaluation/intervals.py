@@ -8,7 +8,8 @@ weighted counts for all resamples at once (matrix products and cumulative sums, 
 over resamples), so a thousand resamples of a few thousand images take well under a second.
 
 Two models on the same test set: DeLong's test for correlated AUROCs (DeLong et al. 1988, in the
-fast form of Sun & Xu 2014), and a paired patient bootstrap of the AUROC difference.
+fast form of Sun & Xu 2014), and a paired patient bootstrap of the AUROC difference. One model on two
+sites' images (external validation): ``delong_unpaired``, the same variance without the covariance term.
 """
 
 from __future__ import annotations
@@ -103,6 +104,24 @@ def _midranks(x: np.ndarray) -> np.ndarray:
     return pd.Series(x).rank(method="average").to_numpy()
 
 
+def _components(pos: np.ndarray, neg: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+    """The AUROC and DeLong's structural components from midranks (Sun & Xu 2014): per positive, the share of
+    negatives it outscores (V10); per negative, the share of positives that outscore it (V01); ties count ½."""
+    m, n = len(pos), len(neg)
+    both = _midranks(np.r_[pos, neg])
+    auc = (both[:m].sum() - m * (m + 1) / 2) / (m * n)
+    return float(auc), (both[:m] - _midranks(pos)) / n, 1 - (both[m:] - _midranks(neg)) / m
+
+
+def _z_test(difference: float, variance: float) -> tuple[float, float]:
+    """z and the two-sided p-value of a difference with this variance; no variance: no doubt either way."""
+    if variance <= 1e-15:
+        z = 0.0 if abs(difference) < 1e-12 else float(np.copysign(np.inf, difference))
+        return z, 1.0 if z == 0 else 0.0
+    z = difference / np.sqrt(variance)
+    return float(z), float(2 * norm.sf(abs(z)))
+
+
 def delong(y, p_a, p_b) -> dict[str, float]:
     """DeLong's test of two correlated AUROCs on the same images: both AUROCs, their difference, its
     standard error, z and the two-sided p-value."""
@@ -115,23 +134,14 @@ def delong(y, p_a, p_b) -> dict[str, float]:
         nan = float("nan")
         return {"auroc_a": nan, "auroc_b": nan, "difference": nan, "se": nan, "z": nan, "p_value": nan}
     v10, v01, aucs = np.empty((2, m)), np.empty((2, n)), np.empty(2)
-    for k in range(2):  # structural components from midranks (Sun & Xu 2014)
-        both = _midranks(np.r_[pos[k], neg[k]])
-        rank_pos, rank_neg = _midranks(pos[k]), _midranks(neg[k])
-        aucs[k] = (both[:m].sum() - m * (m + 1) / 2) / (m * n)
-        v10[k] = (both[:m] - rank_pos) / n
-        v01[k] = 1 - (both[m:] - rank_neg) / m
+    for k in range(2):
+        aucs[k], v10[k], v01[k] = _components(pos[k], neg[k])
     s10 = np.atleast_2d(np.cov(v10)) if m > 1 else np.zeros((2, 2))
     s01 = np.atleast_2d(np.cov(v01)) if n > 1 else np.zeros((2, 2))
     covariance = s10 / m + s01 / n
     variance = covariance[0, 0] + covariance[1, 1] - 2 * covariance[0, 1]
     difference = aucs[0] - aucs[1]
-    if variance <= 1e-15:
-        z = 0.0 if abs(difference) < 1e-12 else float(np.copysign(np.inf, difference))
-        p_value = 1.0 if z == 0 else 0.0
-    else:
-        z = difference / np.sqrt(variance)
-        p_value = float(2 * norm.sf(abs(z)))
+    z, p_value = _z_test(difference, variance)
     return {
         "auroc_a": float(aucs[0]), "auroc_b": float(aucs[1]), "difference": float(difference),
         "se": float(np.sqrt(max(variance, 0.0))), "z": float(z), "p_value": p_value,
@@ -153,3 +163,29 @@ def paired_bootstrap(y, p_a, p_b, patient_ids, resamples: int = 1000, seed: int 
         "difference_hi": hi,
         "share_b_not_worse": float((valid <= 0).mean()) if len(valid) else float("nan"),
     }
+
+
+def delong_variance(y, p) -> tuple[float, float]:
+    """One AUROC and DeLong's estimate of its variance (images as the unit); NaN without both classes."""
+    y, p = np.asarray(y, float), np.asarray(p, float)
+    keep = ~np.isnan(y) & ~np.isnan(p)
+    y, p = y[keep], p[keep]
+    pos, neg = p[y == 1], p[y == 0]
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan"), float("nan")
+    auc, v10, v01 = _components(pos, neg)
+    variance = (v10.var(ddof=1) / len(pos) if len(pos) > 1 else 0.0) + (v01.var(ddof=1) / len(neg) if len(neg) > 1 else 0.0)
+    return auc, float(variance)
+
+
+def delong_unpaired(y_a, p_a, y_b, p_b) -> dict[str, float]:
+    """Two AUROCs measured on different images (another site's patients): independent, so the variance of
+    the difference is the sum of each AUROC's DeLong variance, with no covariance term; a z-test on it.
+    Keys as ``delong``'s: ``difference`` is AUROC(a) − AUROC(b)."""
+    (auc_a, var_a), (auc_b, var_b) = delong_variance(y_a, p_a), delong_variance(y_b, p_b)
+    difference, variance = auc_a - auc_b, var_a + var_b
+    z, p_value = _z_test(difference, variance) if not np.isnan(variance) else (float("nan"), float("nan"))
+    return {
+        "auroc_a": auc_a, "auroc_b": auc_b, "difference": float(difference),
+        "se": float(np.sqrt(variance)) if not np.isnan(variance) else float("nan"), "z": float(z), "p_value": p_value,
+    }  # fmt: skip

@@ -21,28 +21,47 @@ from medray.training.models import to_input
 DECODE_BATCH = 32  # rows per decoding task: small enough to spread over every CPU
 
 
-def _load(source, uri: str, size: int, channels: int, encoded: bool) -> np.ndarray | str:
-    """The pixels, or the reason there are none: ingest's rule (``images.attempt``), so one odd file never fails the batch."""
+FACT_COLUMNS = ("width", "height", "bit_depth", "mean_intensity", "modality", "view", "site")
+
+
+def _load(source, uri: str, size: int, channels: int, encoded: bool):
+    """(pixels, ``images.Facts``), or the reason there are none: ingest's rule (``images.attempt``), so one
+    odd file never fails the batch."""
     if encoded:
-        return images.attempt(uri, images.decode, source, uri, size, channels)
-    return images.attempt(uri, images.load, str(source), size, channels)
+        return images.attempt(uri, images.decode_with_facts, source, uri, size, channels)
+    return images.attempt(uri, images.load_with_facts, str(source), size, channels)
 
 
-def decode_batch(batch: dict, size: int, channels: int, encoded: str | None = None) -> dict:
+def decode_batch(batch: dict, size: int, channels: int, encoded: str | None = None, facts: bool = False) -> dict:
     """Ray Data UDF (CPU tasks): each row's image, decoded and resized, in ``pixels``; ``error`` says
-    why a row has none. ``encoded`` names a column of image bytes to decode instead of the files."""
+    why a row has none. ``encoded`` names a column of image bytes to decode instead of the files.
+    ``facts`` adds the ``FACT_COLUMNS`` (``images.Facts``: size, bit depth, mean intensity, DICOM codes)
+    that drift monitoring keeps; off by default, as a manifest's own ``view`` and ``site`` pass through."""
     n = len(batch["image"])
     pixels = np.zeros((n, size, size) if channels == 1 else (n, size, size, channels), dtype=np.uint8)
     errors = np.full(n, "", dtype=object)
+    found: list[images.Facts | None] = [None] * n
     sources = batch[encoded] if encoded else batch["image"]
     for i, source in enumerate(sources):
         result = _load(source, "encoded image" if encoded else str(source), size, channels, bool(encoded))
         if isinstance(result, str):
             errors[i] = result
         else:
-            pixels[i] = result
+            pixels[i], found[i] = result
     out = {k: v for k, v in batch.items() if k != encoded}
+    if facts:
+        out.update(_fact_columns(found))
     return {**out, "pixels": pixels, "error": errors}
+
+
+def _fact_columns(found: list) -> dict:
+    """One array per fact; a row without an image has 0 sizes, a NaN mean and empty codes."""
+    empty = images.Facts(0, 0, 0, float("nan"))
+    rows = [f or empty for f in found]
+    columns = {name: np.array([getattr(f, name) for f in rows], dtype=object) for name in ("modality", "view", "site")}
+    columns |= {name: np.array([getattr(f, name) for f in rows], dtype=np.int32) for name in ("width", "height", "bit_depth")}
+    columns["mean_intensity"] = np.array([f.mean_intensity for f in rows], dtype=np.float32)
+    return {name: columns[name] for name in FACT_COLUMNS}
 
 
 class Predictor:
@@ -83,6 +102,7 @@ def predict(
     calibrated: bool = True,
     cpus: float = 1.0,
     encoded: str | None = None,
+    facts: bool = False,
 ) -> ray.data.Dataset:
     """``ds`` must have an ``image`` column of URIs (or ``encoded``, a column of image bytes); other
     columns pass through, and ``error`` and one ``prob_<label>`` per label are added.
@@ -90,7 +110,7 @@ def predict(
     Decoding runs in Ray Data tasks on every free CPU, the model in ``actors`` actors (one GPU each
     when the cluster has GPUs, else ``cpus`` CPUs each for torch's threads) taking ``batch_size`` images
     at a time: the model never waits for one actor's own decoding. ``calibrated`` applies the
-    checkpoint's calibration where it has one."""
+    checkpoint's calibration where it has one; ``facts`` adds ``decode_batch``'s input facts."""
     use_gpu = bool(ray.cluster_resources().get("GPU", 0))
     total = ray.cluster_resources().get("CPU", 0)
     if not use_gpu and actors * cpus >= total:
@@ -99,7 +119,7 @@ def predict(
             "decode images: lower score.actors or score.cpus_per_actor"
         )
     meta = checkpoint.read_meta(checkpoint_uri)
-    decode = {"size": meta["image_size"], "channels": meta["in_channels"], "encoded": encoded}
+    decode = {"size": meta["image_size"], "channels": meta["in_channels"], "encoded": encoded, "facts": facts}
     return ds.map_batches(decode_batch, fn_kwargs=decode, batch_size=DECODE_BATCH).map_batches(
         Predictor,
         fn_constructor_kwargs={"checkpoint_uri": checkpoint_uri, "calibrated": calibrated},

@@ -10,13 +10,18 @@ deflated file is inflated here, header first and never beyond what the limit all
 
 Privacy: no message built here contains a header value, only the URI and what is wrong; pydicom's
 own exception text is reduced to its class name for the same reason, and every header value is
-read inside ``private()``, where pydicom's validation (whose warnings quote values) is off.
+read inside ``private()``, where pydicom's validation (whose warnings quote values) is off. The facts
+kept for drift monitoring (``acquisition``) are coarse codes (Modality, ViewPosition, bits stored) and a
+digest of InstitutionName, never a patient field.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
+import re
+import threading
 import warnings
 import zlib
 
@@ -27,6 +32,7 @@ from medray.errors import MedrayError
 PREAMBLE = 128
 HEADER_WINDOW = 1 << 20  # inflated bytes that hold the header of any sane deflated file, read before the rest
 _PIXEL_TAGS = {0x7FE00008, 0x7FE00009, 0x7FE00010}  # (double) float pixel data, pixel data
+_CODE = re.compile(r"[A-Z0-9 _]{1,16}")  # the CS value representation
 
 
 def is_dicom(data: bytes) -> bool:
@@ -38,16 +44,38 @@ class DicomError(MedrayError, ValueError):
     pass
 
 
+_private = threading.Lock()
+_inside = 0  # threads now in a private() block
+_undo: contextlib.ExitStack | None = None
+
+
 @contextlib.contextmanager
 def private():
     """Every access to a header happens in here: pydicom converts values lazily, on first access, and its
     validation warnings quote the value (a malformed UID carrying a patient's name would reach stderr and
-    the worker logs). Validation is off and its warnings are silenced, for this block only."""
+    the worker logs). Validation is off and its warnings are silenced while any thread is in such a block.
+
+    Both switches are process-wide, and each saves the state it found to restore it on leaving: two threads
+    nesting plain context managers (SRs read headers in a thread pool) would leave them switched for good
+    when the first to enter leaves first. So the first thread in switches, the last one out restores."""
+    global _inside, _undo
     from pydicom import config
 
-    with warnings.catch_warnings(), config.disable_value_validation():
-        warnings.simplefilter("ignore")
+    with _private:
+        if _inside == 0:
+            _undo = contextlib.ExitStack()
+            _undo.enter_context(warnings.catch_warnings())
+            warnings.simplefilter("ignore")
+            _undo.enter_context(config.disable_value_validation())
+        _inside += 1
+    try:
         yield
+    finally:
+        with _private:
+            _inside -= 1
+            if _inside == 0:
+                _undo.close()
+                _undo = None
 
 
 class _Source:
@@ -212,6 +240,36 @@ def decode_dicom(data: bytes, uri: str, max_bytes: int) -> np.ndarray:
     """``(H, W)`` uint8 for grayscale, ``(H, W, 3)`` for colour; the first frame of a multi-frame file,
     and only that frame is decoded. Every frame, sample and byte the header declares is counted
     against ``max_bytes`` before any pixel is decoded (or a deflated file inflated past its header)."""
+    return decode_dicom_described(data, uri, max_bytes)[0]
+
+
+def acquisition(ds) -> dict:
+    """Coarse, non-patient facts of the acquisition for drift monitoring (medray.scoring.statistics):
+    bits stored, and Modality / ViewPosition when they are well-formed code strings (CS: upper case,
+    digits, space, underscore, at most 16 characters; anything else is ``other``). InstitutionName is
+    free text, so only a short digest of it is kept: a new site shows up as a new category without its
+    name being copied into an output (the digest is no secret: institution names are public)."""
+    facts = {"bit_depth": 0, "modality": "", "view": "", "site": ""}
+    try:
+        facts["bit_depth"] = int(ds.get("BitsStored", 0) or ds.get("BitsAllocated", 0) or 0)
+    except Exception:  # noqa: BLE001 — a malformed value is no fact
+        pass
+    for key, tag in (("modality", "Modality"), ("view", "ViewPosition")):
+        try:
+            value = str(ds.get(tag, "") or "").strip().upper()
+        except Exception:  # noqa: BLE001
+            value = "other"
+        facts[key] = value if not value or _CODE.fullmatch(value) else "other"
+    try:
+        name = " ".join(str(ds.get("InstitutionName", "") or "").split()).upper()
+    except Exception:  # noqa: BLE001
+        name = ""
+    facts["site"] = "site-" + hashlib.sha256(name.encode()).hexdigest()[:8] if name else ""
+    return facts
+
+
+def decode_dicom_described(data: bytes, uri: str, max_bytes: int) -> tuple[np.ndarray, dict]:
+    """``decode_dicom``'s pixels and the ``acquisition`` facts of the same header, read once."""
     with private():
         source = _open(data, uri, max_bytes)
         ds = source.dataset
@@ -225,9 +283,10 @@ def decode_dicom(data: bytes, uri: str, max_bytes: int) -> np.ndarray:
             syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
             what = f"transfer syntax {syntax.name}" if syntax is not None else "no transfer syntax"
             raise DicomError(f"{uri}: cannot decode DICOM pixel data ({what}; {err.__class__.__name__})") from None
+        facts = acquisition(ds)
         if dimensions[3] == 3:
-            return _colour(pixels)
+            return _colour(pixels), facts
         try:
-            return _grayscale(pixels, ds)
+            return _grayscale(pixels, ds), facts
         except Exception as err:  # noqa: BLE001 — a malformed LUT or window; its text may quote header values
             raise DicomError(f"{uri}: invalid DICOM display transform ({err.__class__.__name__})") from None

@@ -7,19 +7,23 @@ reading one input raises becomes that input's error (``attempt``), the one rule 
 scoring. 16-bit images are scaled to 8 bits by their own range. The format is sniffed from
 the bytes, not the file name: DICOM by its ``DICM`` preamble (decoded by medray.io.dicom, with its
 LUTs and windowing), everything else by Pillow (PNG, JPEG, TIFF, 8 or 16 bit, grayscale or RGB).
+``decode_with_facts`` also returns what the decode saw on the way (``Facts``: size, bit depth, mean
+intensity, DICOM codes), which scoring keeps for drift monitoring at no second decode.
 """
 
 from __future__ import annotations
 
 import io
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageMode, UnidentifiedImageError
 
 from medray.errors import MedrayError
 from medray.io import storage
-from medray.io.dicom import DicomError, decode_dicom, is_dicom
+from medray.io.dicom import DicomError, decode_dicom_described, is_dicom
+from medray.io.dicomweb import DicomWebError
 
 MAX_BYTES = 256 * 1024 * 1024  # decoded size of one input: a 16-bit 11,500² image, 8-bit RGB 9,400², 512 CT slices of 512²
 
@@ -69,26 +73,55 @@ def _to_8bit(image: Image.Image) -> Image.Image:
     return image.convert("L")
 
 
+@dataclass(frozen=True)
+class Facts:
+    """What decoding learnt about an input on the way, for drift monitoring (medray.scoring.statistics):
+    the stored size and bits per sample, the mean gray level of the 8-bit image the model is given (before
+    its normalisation; a resize keeps the mean), and, for DICOM, the coarse ``dicom.acquisition`` codes."""
+
+    width: int
+    height: int
+    bit_depth: int
+    mean_intensity: float
+    modality: str = ""
+    view: str = ""
+    site: str = ""
+
+
+_MODE_BITS = {"1": 1, "I;16": 16, "I;16B": 16, "I;16L": 16, "I": 32, "F": 32}  # every other mode: 8 bits a sample
+
+
 def decode(data: bytes, uri: str, size: int | None = None, channels: int = 1, max_bytes: int = MAX_BYTES) -> np.ndarray:
     """Encoded bytes → ``(H, W)`` (1 channel) or ``(H, W, 3)`` uint8, resized to ``size × size`` when given."""
+    return decode_with_facts(data, uri, size, channels, max_bytes)[0]
+
+
+def decode_with_facts(
+    data: bytes, uri: str, size: int | None = None, channels: int = 1, max_bytes: int = MAX_BYTES
+) -> tuple[np.ndarray, Facts]:
+    """``decode``'s pixels and the input's ``Facts``, from the one decode."""
     if not data:
         raise ImageError(f"{uri}: empty file (0 bytes)")
     if is_dicom(data):
         try:
-            image = Image.fromarray(decode_dicom(data, uri, max_bytes))
+            pixels, header = decode_dicom_described(data, uri, max_bytes)
         except DicomError as err:
             raise ImageError(str(err)) from None
+        image = Image.fromarray(pixels)
     else:
         image = _open(data, uri, max_bytes)
+        header = {"bit_depth": _MODE_BITS.get(image.mode, 8)}
+    width, height = image.size  # before a JPEG draft decodes it smaller
     try:
         if size is not None and image.format == "JPEG":
             image.draft("L" if channels == 1 else "RGB", (size, size))  # let libjpeg decode at reduced scale
         image = _to_8bit(image).convert("L" if channels == 1 else "RGB")
         if size is not None and image.size != (size, size):
             image = image.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0)
-        return np.asarray(image, dtype=np.uint8)
+        pixels = np.asarray(image, dtype=np.uint8)
     except (OSError, ValueError, SyntaxError) as err:
         raise ImageError(f"{uri}: cannot decode image data ({err.__class__.__name__}: {err})") from None
+    return pixels, Facts(width, height, mean_intensity=float(pixels.mean()), **header)
 
 
 def read(uri: str) -> bytes:
@@ -97,6 +130,8 @@ def read(uri: str) -> bytes:
         return storage.read_bytes(uri)
     except FileNotFoundError:
         raise ImageError(f"{uri}: image file not found") from None
+    except DicomWebError:  # already one line naming the instance and what the PACS answered
+        raise
     except storage.NotRegularFileError as err:
         raise ImageError(str(err)) from None
     except OSError as err:
@@ -105,6 +140,10 @@ def read(uri: str) -> bytes:
 
 def load(uri: str, size: int | None = None, channels: int = 1) -> np.ndarray:
     return decode(read(uri), uri, size, channels)
+
+
+def load_with_facts(uri: str, size: int | None = None, channels: int = 1) -> tuple[np.ndarray, Facts]:
+    return decode_with_facts(read(uri), uri, size, channels)
 
 
 def failure(uri: str, err: Exception) -> str:

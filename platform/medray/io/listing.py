@@ -9,7 +9,9 @@ Links to folders are never followed: one out of the root would list another arch
 it would list the same images twice (under two classes or patients), one above itself loops. A
 link to a regular file is read when the file lies inside the root too, and recorded as skipped when
 it points out of it: what an ingest or a scoring run reads is what its root holds. Folders are also tracked by device and inode, so a loop made without
-links (a bind mount) is walked once. An S3 prefix holds objects only, all of them inputs.
+links (a bind mount) is walked once. An S3 prefix holds objects only, all of them inputs. A
+``dicomweb://`` URI lists the instances its QIDO-RS filters choose (medray.io.pacs), whatever their
+extension: instances have none.
 
 The order is stable (each folder's files by name, then its sub-folders by name, depth first), as
 scoring's resumption compares the listing of each part with what it committed.
@@ -22,7 +24,7 @@ import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from medray.io import storage
+from medray.io import dicomweb, storage
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", ".dicom")
 
@@ -39,6 +41,11 @@ def walk(uri: str, extensions: tuple[str, ...] | list[str] | None = None) -> Ite
     exts = tuple(e.lower() for e in extensions) if extensions else None
     if storage.is_s3(uri):
         yield from (Entry(u) for u in storage.iter_files(uri, exts))
+        return
+    if dicomweb.is_dicomweb(uri):
+        from medray.io.pacs import iter_instances
+
+        yield from (Entry(instance.uri) for instance in iter_instances(uri))
         return
     root = storage.absolute(uri)
     if not os.path.isdir(root):

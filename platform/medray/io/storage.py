@@ -1,4 +1,5 @@
-"""One way to open a URI: an absolute or relative local path, or ``s3://bucket/key``.
+"""One way to open a URI: an absolute or relative local path, ``s3://bucket/key``, or (to read) one
+DICOMweb instance, ``dicomweb://host:port/root/studies/…/series/…/instances/…`` (medray.io.pacs).
 
 S3-compatible on-premise stores (MinIO, Ceph) are reached through the AWS SDKs' own standard
 variables ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``, so boto3, pyarrow and Ray all agree on
@@ -44,10 +45,17 @@ def is_s3(uri: str) -> bool:
     return str(uri).startswith(S3)
 
 
+def is_remote(uri: str) -> bool:
+    """An ``s3://`` or ``dicomweb(s)://`` URI: never a path relative to anything."""
+    from medray.io.dicomweb import is_dicomweb
+
+    return is_s3(uri) or is_dicomweb(uri)
+
+
 def absolute(uri: str) -> str:
-    """Local paths become absolute (Ray workers run in other directories); S3 URIs stay."""
+    """Local paths become absolute (Ray workers run in other directories); S3 and DICOMweb URIs stay."""
     uri = str(uri)
-    return uri if is_s3(uri) else os.path.abspath(os.path.expanduser(uri))
+    return uri if is_remote(uri) else os.path.abspath(os.path.expanduser(uri))
 
 
 def join(uri: str, *parts: str) -> str:
@@ -184,7 +192,14 @@ def _read_local(path: str) -> bytes:
 
 
 def read_bytes(uri: str) -> bytes:
-    """The bytes of a regular file or S3 object; anything else locally is a ``NotRegularFileError``."""
+    """The bytes of a regular file, an S3 object or a DICOMweb instance (one WADO-RS request); anything else
+    locally is a ``NotRegularFileError``."""
+    from medray.io.dicomweb import is_dicomweb
+
+    if is_dicomweb(uri):
+        from medray.io.pacs import read_instance
+
+        return read_instance(uri)
     if not is_s3(uri):
         return _read_local(absolute(uri))
     fs, path = filesystem(uri)

@@ -27,7 +27,7 @@ import posixpath
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from itertools import islice
 
 import pandas as pd
@@ -42,7 +42,10 @@ from medray.errors import MedrayError
 from medray.evaluation.calibration import CALIBRATION_FILE
 from medray.evaluation.predict import predict
 from medray.io import storage
+from medray.io.dicomweb import DicomWebError
 from medray.io.listing import Entry, walk
+from medray.scoring import statistics
+from medray.scoring.thresholds import frozen_thresholds
 from medray.training import checkpoint
 
 log = logging.getLogger(__name__)
@@ -65,7 +68,10 @@ class ScoreSummary:
     model_sha256: str = ""
     calibrated: bool = False
     gradcam: int = 0  # overlays written (score.gradcam_threshold)
+    dicom_sr: int = 0  # structured reports written or stored (score.dicom_sr)
+    dicom_sr_counts: dict | None = None  # what got none, and why (scoring.structured_report.ReportCounts)
     seconds: float = 0.0
+    statistics: dict = field(default_factory=dict)  # inputs and scores, for `medray drift` (medray.scoring.statistics)
 
 
 def iter_inputs(source: str, extensions: tuple[str, ...]) -> Iterator[Entry]:
@@ -87,7 +93,7 @@ def iter_inputs(source: str, extensions: tuple[str, ...]) -> Iterator[Entry]:
 def manifest_uri(folder: str, uri) -> str:
     """A manifest's relative path starts at the manifest's folder (local or S3), wherever the worker runs."""
     uri = str(uri).strip()
-    if storage.is_s3(uri) or os.path.isabs(uri) or not uri:
+    if storage.is_remote(uri) or os.path.isabs(uri) or not uri:
         return uri
     if storage.is_s3(folder):
         return storage.S3 + posixpath.normpath(posixpath.join(folder[len(storage.S3) :], uri))
@@ -252,24 +258,40 @@ def score(config: JobConfig) -> ScoreSummary:
                                 {i: m["inputs_sha256"] for i, m in committed.items()}, output)  # fmt: skip
     # Listing waits on S3, not on a CPU; asking for none keeps it from starving when the actors take all CPUs.
     rows = ray.data.read_datasource(source, override_num_blocks=1, num_cpus=0)
-    scored = predict(rows, checkpoint_uri, s.batch_size, s.actors, calibrated=True, cpus=s.cpus_per_actor)
+    scored = predict(rows, checkpoint_uri, s.batch_size, s.actors, calibrated=True, cpus=s.cpus_per_actor, facts=True)
     writer = _PartWriter(output, model_sha256)
     try:
         for batch in scored.iter_batches(batch_size=None, batch_format="pandas"):
             writer.add(batch.assign(calibrated=calibrated))
-    except ScoreError as err:  # raised by the listing task: Ray adds the task's traceback and advice; our message is its first line
-        raise ScoreError(str(getattr(err, "cause", None) or err).splitlines()[0]) from None
+    except (ScoreError, DicomWebError) as err:  # from the listing task: Ray adds the task's traceback; our message is its first line
+        cause = getattr(err, "cause", None) or err
+        raise type(cause)(str(cause).splitlines()[0]) from None
     if writer.pending:
         raise ScoreError(f"{output}: parts {sorted(writer.pending)} came back incomplete")
 
     summary = _verify(output, ScoreSummary(output, 0, 0, 0, 0, len(committed), model_sha256, calibrated))
     if s.gradcam_threshold is not None:
         summary.gradcam = len(_gradcam(output, checkpoint_uri, s.gradcam_threshold, s.gradcam_max))
+    summary.statistics = _statistics(config, output, checkpoint_uri, model_sha256, calibrated)
+    if s.dicom_sr:
+        from medray.scoring.structured_report import report_scores
+
+        summary.dicom_sr, summary.dicom_sr_counts = report_scores(config, output, checkpoint_uri, model_sha256, calibrated)
     summary.seconds = round(time.monotonic() - started, 2)
     storage.write_atomic(storage.join(output, SUMMARY), json.dumps(asdict(summary), indent=2).encode())
     log.info("scoring summary: %d inputs, %d scored, %d errors, %d parts (%d from earlier runs) → %s",
              summary.inputs, summary.scored, summary.errors, summary.parts, summary.parts_skipped, output)  # fmt: skip
     return summary
+
+
+def _statistics(config: JobConfig, output: str, checkpoint_uri: str, model_sha256: str, calibrated: bool) -> dict:
+    """What ``medray drift`` compares, with each label's share at or above the model's operating threshold (the
+    one its SRs use) unless ``drift.thresholds`` names another."""
+    meta = checkpoint.read_meta(checkpoint_uri)
+    labels, task = list(meta["labels"]), meta.get("task", "multi-label")
+    frozen, rule = frozen_thresholds(config.run_dir, checkpoint_uri, model_sha256, labels, task, calibrated)
+    rule = "drift.thresholds" if set(config.drift.thresholds) >= set(labels) else rule
+    return {**statistics.summarise(output, {**frozen, **config.drift.thresholds}, config.drift.threshold), "threshold_rule": rule}
 
 
 def _gradcam(output: str, checkpoint_uri: str, threshold: float, most: int) -> list[str]:

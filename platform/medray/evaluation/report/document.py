@@ -91,10 +91,10 @@ table{border-collapse:collapse;margin:1em 0;font-size:.9em}td,th{border:1px soli
 figure{margin:1em 0}img{max-width:100%}figcaption{color:#555;font-size:.9em}nav a{margin-right:1em}"""
 
 
-def write_report(out_dir: str, title: str, sections: list[Section], metrics: dict) -> dict[str, str]:
-    """Write ``metrics.json``, each figure, ``report.md`` and ``report.html`` under ``out_dir``."""
-    paths = {name: storage.join(out_dir, name) for name in ("metrics.json", "report.md", "report.html")}
-    storage.write_text(paths["metrics.json"], json.dumps(_clean(metrics), indent=2, default=_json_default))
+def write_report(out_dir: str, title: str, sections: list[Section], metrics: dict, data_file: str = "metrics.json") -> dict[str, str]:
+    """Write ``metrics`` (as ``data_file``), each figure, ``report.md`` and ``report.html`` under ``out_dir``."""
+    paths = {name: storage.join(out_dir, name) for name in (data_file, "report.md", "report.html")}
+    storage.write_text(paths[data_file], json.dumps(_clean(metrics), indent=2, default=_json_default))
     for section in sections:
         for block in section.blocks:
             if isinstance(block, Figure):

@@ -93,7 +93,7 @@ def pr_curves(targets: np.ndarray, probs: np.ndarray, table: pd.DataFrame) -> by
     return png(fig)
 
 
-def reliability_diagrams(curves: dict[str, list[tuple[str, pd.DataFrame, float]]]) -> bytes:
+def reliability_diagrams(curves: dict[str, list[tuple[str, pd.DataFrame, float]]], title: str = "Reliability on the test split") -> bytes:
     """Per label, observed positive rate against mean predicted probability per bin, for each
     variant (before/after calibration); marker area follows the bin's image count."""
     fig, axes = _panels(len(curves))
@@ -109,7 +109,7 @@ def reliability_diagrams(curves: dict[str, list[tuple[str, pd.DataFrame, float]]
         ax.set_ylim(0, 1)
         ax.set_aspect("equal")
         ax.legend(loc="upper left", fontsize=7)
-    fig.suptitle("Reliability on the test split")
+    fig.suptitle(title)
     return png(fig)
 
 
