@@ -65,7 +65,11 @@ def ray_session(s3, pacs_credentials):
     import ray
 
     # With its dashboard, as on a real cluster: Ray Train frees a stopped trial's resources through it.
-    ray.init(address="local", num_cpus=2, include_dashboard=True, logging_level="WARNING")
+    from medray.runtime import local_runtime_env
+
+    # Workers set up as medray's own local Ray sets them up (its runtime environment pins Ray's state API to
+    # this cluster, which Ray Train's clean-up relies on while other Rays run on the machine).
+    ray.init(address="local", num_cpus=2, include_dashboard=True, logging_level="WARNING", runtime_env=local_runtime_env())
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()

@@ -148,3 +148,18 @@ def test_score_job_runs_through_ray_job_submit(cluster, demo_dir, tmp_path):
     assert len(rows) == 8 and rows["image"].is_unique
     summary = json.loads((output / "_summary.json").read_text())
     assert (summary["inputs"], summary["scored"], summary["errors"], summary["parts"]) == (8, 7, 1, 3)
+
+
+def test_ray_state_api_in_the_sessions_workers_finds_its_own_cluster_while_another_ray_runs(cluster, ray_session):
+    """Ray Train frees a finished run's CPUs through a clean-up actor that asks Ray's state API whether the run's
+    controller is alive; with no address that API scans the machine and fails when two Rays run (here: the
+    session's and this module's head). Our workers are pinned to their own cluster (medray.runtime.pin_state_api)."""
+
+    @ray_session.remote(num_cpus=0)
+    def nodes_the_state_api_sees() -> set[str]:
+        from ray.util.state import list_nodes
+
+        return {node.node_id for node in list_nodes()}
+
+    # Raised ConnectionError ("Found multiple active Ray instances") before; now it reaches this session's Ray.
+    assert ray_session.get(nodes_the_state_api_sees.remote(), timeout=120) == {n["NodeID"] for n in ray_session.nodes()}

@@ -43,7 +43,7 @@ def init_ray() -> None:
         if os.environ.get("RAY_ADDRESS"):  # set by `ray job submit`, or by the user for a running cluster
             ray.init(logging_level=logging.WARNING, log_to_driver=False)
         else:  # a local Ray of its own, never whatever cluster last ran on this machine
-            ray.init(address="local", logging_level=logging.WARNING, log_to_driver=False, runtime_env={"env_vars": _quiet_ray_data()})
+            ray.init(address="local", logging_level=logging.WARNING, log_to_driver=False, runtime_env=local_runtime_env())
     # Redrawn bars are hundreds of lines in a log file or a pipe; the datasets built from here on (and the
     # actors that run them, such as Ray Train's split coordinator) take this context with them.
     ray.data.DataContext.get_current().enable_progress_bars = _terminal()
@@ -79,6 +79,22 @@ def _drop_notices() -> None:
 
 def _terminal() -> bool:
     return sys.stdout.isatty()
+
+
+def local_runtime_env() -> dict:
+    """The runtime environment of a local Ray's workers (see ``pin_state_api`` and ``_quiet_ray_data``)."""
+    return {"env_vars": _quiet_ray_data(), "worker_process_setup_hook": "medray.runtime.pin_state_api"}
+
+
+def pin_state_api() -> None:
+    """Runs in every worker of a local Ray as it starts: Ray's state API, called with no address, scans the
+    machine for Ray instances and gives up when it finds several (another user's, a second job's). Ray Train's
+    placement-group cleaner asks it whether a finished run's controller is alive; failing, it never frees that
+    run's CPUs, and on a small machine the next trial of a sweep then waits forever for a whole CPU. Each
+    worker is pointed at its own cluster instead."""
+    import ray
+
+    os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
 
 
 def _quiet_ray_data() -> dict[str, str]:
