@@ -3,12 +3,7 @@ Ray task that decodes it; ingest and exactly-once scoring over DICOMweb; a PACS 
 
 from __future__ import annotations
 
-import os
-import signal
 import socket
-import subprocess
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +15,7 @@ from pydicom.uid import generate_uid
 
 import dicom_files
 from checkpoints import saved_checkpoint
+from killed_scoring import kill_after_two_parts
 from medray.config import build_config
 from medray.data.datasets import ingest
 from medray.data.datasets.ingest import pseudonym
@@ -31,7 +27,6 @@ from medray.io.pacs import iter_instances
 from medray.scoring.score import COMMITTED, score
 
 LABELS = ["Effusion", "Nodule"]
-REPO = Path(__file__).resolve().parents[1]
 IN_2019 = "StudyDate=20190101-20191231&ModalitiesInStudy=CR,DX"
 
 
@@ -192,21 +187,8 @@ def test_a_killed_scoring_run_over_dicomweb_rerun_scores_every_instance_exactly_
     source, output = f"{orthanc.uri}?ModalitiesInStudy=MG", tmp_path / "scores"
     overrides = [f"storage={tmp_path / 'runs'}", f"score.input={source}", f"score.output={output}",
                  f"score.checkpoint={model_dir}", "score.part_size=2", "score.batch_size=2"]  # fmt: skip
-    command = [sys.executable, "-m", "medray.cli", "score", *(a for o in overrides for a in ("--set", o))]
-    # A second driver on the session's Ray (RAY_ADDRESS), killed with SIGKILL once some parts are committed.
-    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address,
-           "PYTHONPATH": f"{REPO / 'platform'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}  # fmt: skip
+    before = kill_after_two_parts(ray_session, output, overrides, tmp_path / "killed.log")
     committed = output / COMMITTED
-    with open(tmp_path / "killed.log", "w") as log:
-        process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=log)
-        deadline = time.monotonic() + 180  # a hang guard: the event waited for is two committed parts
-        while not (committed.exists() and len(list(committed.glob("*.json"))) >= 2):
-            assert process.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "the scoring job committed no part in time"
-            time.sleep(0.05)
-        process.send_signal(signal.SIGKILL)
-        process.wait()
-    before = {p.name: p.stat().st_mtime_ns for p in committed.glob("*.json")}
     assert 2 <= len(before) < 24, "the job must be killed part-way for this test to mean anything"
 
     summary = score(job(tmp_path, model_dir, source, output, part_size=2, batch_size=2))

@@ -1,12 +1,7 @@
 """Scoring an archive at scale: streamed listing, exactly one row per input, resumable after a crash."""
 
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from killed_scoring import kill_after_two_parts
 from medray.config import build_config
 from medray.io import storage
 from medray.scoring.score import COMMITTED, SUMMARY, score
@@ -23,7 +19,6 @@ from medray.training.models import build_model
 from s3 import upload_tree
 
 LABELS = ["Mass", "Nodule", "Cardiomegaly", "Effusion"]
-REPO = Path(__file__).resolve().parents[1]
 
 
 def make_checkpoint(directory: Path, image_size: int = 32) -> str:
@@ -133,21 +128,8 @@ def test_a_killed_scoring_job_rerun_scores_every_input_exactly_once(ray_session,
     output = tmp_path / "scores"
     overrides = [f"storage={tmp_path / 'runs'}", f"score.input={folder}", f"score.output={output}",
                  f"score.checkpoint={model_dir}", "score.part_size=3", "score.batch_size=3"]  # fmt: skip
-    command = [sys.executable, "-m", "medray.cli", "score", *(a for o in overrides for a in ("--set", o))]
-    # A second driver on the session's Ray (RAY_ADDRESS), killed with SIGKILL once some parts are committed.
-    env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address,
-           "PYTHONPATH": f"{REPO / 'platform'}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}  # fmt: skip
+    before = kill_after_two_parts(ray_session, output, overrides, tmp_path / "killed.log")
     committed = output / COMMITTED
-    with open(tmp_path / "killed.log", "w") as log:
-        job_process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=log)
-        deadline = time.monotonic() + 180
-        while not (committed.exists() and len(list(committed.glob("*.json"))) >= 2):
-            assert job_process.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "the scoring job committed no part in time"
-            time.sleep(0.05)
-        job_process.send_signal(signal.SIGKILL)
-        job_process.wait()
-    before = {p.name: p.stat().st_mtime_ns for p in committed.glob("*.json")}
     total_parts = -(-63 // 3)
     assert 2 <= len(before) < total_parts, "the job must be killed part-way for this test to mean anything"
 
