@@ -26,13 +26,21 @@ def _part(rows: int, split: str, failed: set[int]) -> tuple[pd.DataFrame, np.nda
 def test_a_store_reads_back_its_vectors_labels_and_backbone_with_failed_rows_kept_apart(tmp_path):
     for index, (split, failed) in enumerate([("train", {1}), ("test", set())]):
         frame, vectors = _part(3, split, failed)
-        storage.write_bytes(str(tmp_path / f"part-{index:05d}.parquet"), part_bytes(to_table(frame, vectors, ["Effusion"], "multi-label", INFO)))
+        storage.write_bytes(
+            str(tmp_path / f"part-{index:05d}.parquet"), part_bytes(to_table(frame, vectors, ["Effusion"], "multi-label", INFO))
+        )
 
     store = read_store(str(tmp_path))
 
     assert read_info(str(tmp_path)) == (["Effusion"], "multi-label", INFO)
     assert store.labels == ["Effusion"] and store.info == INFO
-    assert list(store.frame["image"]) == ["/data/train-0.png", "/data/train-2.png", "/data/test-0.png", "/data/test-1.png", "/data/test-2.png"]
+    assert list(store.frame["image"]) == [
+        "/data/train-0.png",
+        "/data/train-2.png",
+        "/data/test-0.png",
+        "/data/test-1.png",
+        "/data/test-2.png",
+    ]
     assert list(store.errors["image"]) == ["/data/train-1.png"] and list(store.errors["error"]) == ["decode failed"]
     # The failed row's slots do not shift the vectors after it (float16 keeps these values within 1e-3).
     np.testing.assert_allclose(store.vectors[1], [0.8, 0.9, 1.0, 1.1], atol=1e-3)
