@@ -129,12 +129,26 @@ class ModelConfig(_Section):
     freeze_stages: int = Field(0, ge=0, description="with freeze: stages, how many of the first stages stay frozen")
     unfreeze_every: int = Field(1, ge=1, description="with freeze: gradual, epochs between unfreezing stages")
     lr_decay: float = Field(1.0, gt=0, le=1, description="discriminative learning rates: ×decay per stage below the head")
+    head: Literal["backbone", "linear", "knn", "mlp", "abmil"] = Field(
+        "backbone",
+        description="backbone: fine-tune the image model; linear, knn, mlp: a head on the embedding store (embed.output); "
+        "abmil: attention-MIL over each slide's patch embeddings",
+    )
 
     @model_validator(mode="after")
     def _known_backbone(self):
         if self.backbone not in BACKBONE_NAMES:
             raise ValueError(f"unknown backbone {self.backbone!r}; known: {', '.join(sorted(BACKBONE_NAMES))}")
         return self
+
+
+class EmbedConfig(_Section):
+    """``medray embed``: a frozen backbone turns images or WSI patches into an embedding store (medray.embeddings)."""
+
+    backbone: str = Field("resnet18", description="a registry name (model.backbone's), timm:<name>, or hf:<local folder or cached repo id>")
+    weights: Uri | None = Field(None, description="local or s3:// weights file; hf: models load from a local folder or a pre-filled cache")
+    input: Uri | None = Field(None, description="manifest or patch store to embed; default the run's manifest, or wsi.patches when set")
+    output: Uri | None = Field(None, description="the embedding store; default <storage>/<name>/embeddings")
 
 
 class TrainConfig(_Section):
@@ -374,6 +388,7 @@ class JobConfig(_Section):
     sampling: SamplingConfig = SamplingConfig()
     loss: LossConfig = LossConfig()
     model: ModelConfig = ModelConfig()
+    embed: EmbedConfig = EmbedConfig()
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     score: ScoreConfig = ScoreConfig()
@@ -390,6 +405,10 @@ class JobConfig(_Section):
     @property
     def run_dir(self) -> str:
         return storage.join(self.storage, self.name)
+
+    @property
+    def embeddings(self) -> str:
+        return self.embed.output or storage.join(self.run_dir, "embeddings")
 
     @property
     def manifest(self) -> str:
