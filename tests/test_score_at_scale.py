@@ -144,13 +144,13 @@ def test_a_killed_scoring_job_rerun_scores_every_input_exactly_once(ray_session,
 
 
 def test_rows_delivered_twice_by_a_retried_task_are_written_once(tmp_path):
-    from medray.scoring.score import _PartWriter
+    from medray.io.parts import Output, PartWriter
 
     def rows(positions):
         return pd.DataFrame({"image": [f"/archive/{p}.png" for p in positions], "prob_Mass": 0.5, "error": "",
                              "_part": 0, "_part_inputs": 4, "_position": positions})  # fmt: skip
 
-    writer = _PartWriter(str(tmp_path), "0" * 64)
+    writer = PartWriter(Output(str(tmp_path), "0" * 64))
     writer.add(rows([0, 1]))
     writer.add(rows([0, 1]))  # the same block again, from a retried read or actor task
     assert not (tmp_path / "part-00000.parquet").exists(), "a part was committed before all its inputs came"

@@ -37,6 +37,7 @@ _EXPORTS = {
     "run_sweep": "medray.sweeps.tune",
     "evaluate": "medray.jobs",
     "score": "medray.scoring.score",
+    "embed": "medray.embeddings.embed",
     "compare": "medray.evaluation.compare",
     "extract_job": "medray.wsi.job",
     "run_demo": "medray.demo",

@@ -275,6 +275,13 @@ def _score(args, config) -> None:
     print(f"scored {s.inputs} inputs: {s.scored} scored, {s.errors} errors → {s.output}")
 
 
+def _embed(args, config) -> None:
+    from medray.embeddings.embed import embed
+
+    s = embed(config)
+    print(f"embedded {s.inputs} {s.kind} with {s.backbone} ({s.dim}-dim): {s.embedded} embedded, {s.errors} errors → {s.output}")
+
+
 def _demo(args, config) -> None:
     from medray.demo import run_demo
 
@@ -376,6 +383,9 @@ COMMANDS: dict[str, Command] = {
     ),
     "score": Command(_score, "score an image archive (Ray Data), exactly once per input", ray=True, job=True),
     "drift": Command(_drift, "what moved between two scoring runs of one model (PSI, KS, inputs); exit 1 if flagged", _drift_arguments),
+    "embed": Command(
+        _embed, "a frozen backbone's embeddings of a manifest or patch store (Ray Data), exactly once per input", ray=True, job=True
+    ),
     "demo": Command(_demo, "the end-to-end demo on generated data", ray=True, job=True),
     "extract-patches": Command(_extract_patches, "whole-slide images → tissue patches (Ray Data)", ray=True, job=True),
     "augment-preview": Command(_augment_preview, "a grid of training images and draws of the augmentation policy (PNG)", _augment_preview_arguments),

@@ -149,6 +149,16 @@ class EmbedConfig(_Section):
     weights: Uri | None = Field(None, description="local or s3:// weights file; hf: models load from a local folder or a pre-filled cache")
     input: Uri | None = Field(None, description="manifest or patch store to embed; default the run's manifest, or wsi.patches when set")
     output: Uri | None = Field(None, description="the embedding store; default <storage>/<name>/embeddings")
+    image_size: int | None = Field(
+        None, ge=8, le=4096, description="input side in pixels; default the encoder's own (224, or a medray checkpoint's training size)"
+    )
+    model_args: dict[str, bool | int | float | str] = Field(
+        default_factory=dict, description="timm: keyword arguments of timm.create_model, e.g. {init_values: 1.0e-5} for UNI"
+    )
+    batch_size: int = Field(64, ge=1, description="images per forward pass of an actor")
+    actors: int = Field(1, ge=1, description="encoder actors: one GPU each when the cluster has GPUs")
+    cpus_per_actor: float = Field(1.0, gt=0, description="CPU actors: torch threads each; the other CPUs decode images")
+    part_size: int = Field(1000, ge=1, description="inputs per store part; a rerun skips committed parts")
 
 
 class TrainConfig(_Section):

@@ -20,6 +20,7 @@ scoring's resumption compares the listing of each part with what it committed.
 from __future__ import annotations
 
 import os
+import posixpath
 import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -124,3 +125,13 @@ def _folder_link(path: str, real_root: str) -> str:
     if _inside(path, real_root):
         return "link to a folder inside the root: not followed (its files are listed under their own path)"
     return "link to a folder out of the root: not followed"
+
+
+def manifest_uri(folder: str, uri) -> str:
+    """A manifest's relative path starts at the manifest's folder (local or S3), wherever the worker runs."""
+    uri = str(uri).strip()
+    if storage.is_remote(uri) or os.path.isabs(uri) or not uri:
+        return uri
+    if storage.is_s3(folder):
+        return storage.S3 + posixpath.normpath(posixpath.join(folder[len(storage.S3) :], uri))
+    return os.path.normpath(os.path.join(folder, uri))
