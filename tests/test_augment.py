@@ -88,7 +88,7 @@ def test_overrides_change_only_the_named_parameters():
 
 def test_histo_reaches_all_eight_orientations_exactly():
     patch = np.arange(16 * 16 * 3, dtype=np.uint8).reshape(16, 16, 3)
-    orientation_only = {"crop": 0, "brightness": 0, "contrast": 0, "saturation": 0, "hue": 0}
+    orientation_only = {"crop": 0, "brightness": 0, "contrast": 0, "saturation": 0, "hue": 0, "hed_sigma": 0}
     out = augment_batch(np.stack([patch] * 400), "histo", orientation_only, seed=0)
     square = torch.from_numpy(patch).permute(2, 0, 1)
     eight = {t.permute(1, 2, 0).numpy().tobytes() for k in range(4) for t in (square.rot90(k, (1, 2)), square.rot90(k, (1, 2)).flip(2))}

@@ -18,7 +18,7 @@ AUGMENT_POLICIES: dict[str, dict[str, float]] = {
     "fundus": {"hflip": 0.5, "vflip": 0.5, "degrees": 30, "brightness": 0.2, "contrast": 0.2},
     "histo": {
         "rot90": 0.5, "hflip": 0.5, "vflip": 0.5, "crop": 0.15,
-        "brightness": 0.1, "contrast": 0.1, "saturation": 0.2, "hue": 0.04,
+        "brightness": 0.1, "contrast": 0.1, "saturation": 0.2, "hue": 0.04, "hed_sigma": 0.05,
     },
     "none": {},
 }
@@ -43,8 +43,9 @@ def augment_params(name: str, params: dict[str, float] | None = None) -> dict[st
     for key in _PROBABILITIES:
         if key in merged and not 0 <= merged[key] <= 1:
             raise ValueError(f"augmentation parameter {key!r} must be a probability in [0, 1], got {merged[key]}")
-    if not 0 <= merged.get("crop", 0) < 1:
-        raise ValueError(f"augmentation parameter 'crop' must be in [0, 1), got {merged['crop']}")
+    for key in ("crop", "hed_sigma"):  # a crop of the whole side leaves nothing; a stain factor of 1 − 1 erases the stain
+        if not 0 <= merged.get(key, 0) < 1:
+            raise ValueError(f"augmentation parameter {key!r} must be in [0, 1), got {merged[key]}")
     return merged
 
 

@@ -299,6 +299,9 @@ def _extract_patches(args, config) -> None:
     )
     if r.errors:
         print(f"unreadable slides and why: {storage.join(r.out, 'errors.parquet')}")
+    if r.stain_kept:
+        method = config.wsi.stain_normalise
+        print(f"{r.stain_kept} patches kept their original colours: too little stain to fit {method} (stain_normalised: false)")
 
 
 def _baselines(args, config) -> None:

@@ -380,6 +380,12 @@ class WsiConfig(_Section):
     default_mpp: float | None = Field(None, gt=0, description="microns per pixel for slides that do not record it")
     chunk_patches: int = Field(64, ge=1, description="patches per extraction task: bounds each task's memory")
     cache_gb: float = Field(20.0, gt=0, description="local cache for slides fetched from S3")
+    stain_normalise: Literal["none", "macenko", "reinhard"] = Field(
+        "none", description="stain normalisation of each patch as it is read, to stain_reference (docs/wsi.md)"
+    )
+    stain_reference: Uri | None = Field(
+        None, description="PNG patch of H&E (local or s3://) to normalise to; default a standard H&E reference"
+    )
     aggregate: Literal["mean", "max", "topk"] = Field("mean", description="patch scores → slide score")
     top_k: int = Field(5, ge=1, description="with aggregate: topk, the mean of the k highest patch scores")
 

@@ -33,6 +33,7 @@ from medray.data.manifest import LABELS_KEY, TASK_KEY, Manifest
 from medray.io import storage
 from medray.wsi.grid import GridSpec, patch_grid, patch_labels
 from medray.wsi.slides import SlideError, open_slide
+from medray.wsi.stain import StainNormaliser, StainSpec
 from medray.wsi.tissue import detect, overlay_png
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,7 @@ class ExtractSpec:
     default_mpp: float | None = None
     chunk_patches: int = 64
     cache_bytes: int = 20 * 2**30
+    stain: StainSpec = field(default_factory=StainSpec)  # fitted once per job (medray.wsi.stain.fit_stain)
 
 
 @dataclass
@@ -62,6 +64,7 @@ class ExtractResult:
     errors: int
     patches: int
     grid_cells: int  # every grid position over the slides extracted in this run, tissue or not
+    stain_kept: int = 0  # patches stain normalisation was asked for but could not be fitted to (original pixels kept)
 
     @property
     def background_skipped(self) -> float:
@@ -147,13 +150,15 @@ def _extract_batch(row: dict, slide_rows: dict, labels: list[str], spec: Extract
     uri, chunk = str(row["image"]), int(row["chunk"])
     meta = slide_rows[uri]
     grid = pd.read_json(io.StringIO(str(row["coords"])), orient="records")
+    normalise = StainNormaliser(spec.stain)
     try:
         with open_slide(uri, spec.default_mpp, spec.cache_bytes) as slide:
-            patches = [png(read_patch(slide, r, spec.grid.patch_size)) for r in grid.to_dict("records")]
+            read = [normalise(read_patch(slide, r, spec.grid.patch_size)) for r in grid.to_dict("records")]
     except SlideError as err:
-        return {"image": [uri], "chunk": [chunk], "patches": [0], "error": [str(err)]}
+        return {"image": [uri], "chunk": [chunk], "patches": [0], "error": [str(err)], "stain_kept": [0]}
     except Exception as err:  # noqa: BLE001 — a bad tile can fail anywhere in a codec
-        return {"image": [uri], "chunk": [chunk], "patches": [0], "error": [f"{uri}: {err.__class__.__name__}: {err}"]}
+        return {"image": [uri], "chunk": [chunk], "patches": [0], "error": [f"{uri}: {err.__class__.__name__}: {err}"], "stain_kept": [0]}
+    normalised = np.array([done for _, done in read], dtype=bool)
     frame = pd.DataFrame(
         {
             "image": uri,
@@ -163,7 +168,8 @@ def _extract_batch(row: dict, slide_rows: dict, labels: list[str], spec: Extract
             **{c: grid[c].to_numpy() for c in ("x", "y", "level", "size", "tissue")},
             "tumour_fraction": grid["tumour_fraction"].to_numpy(dtype=np.float32),
             **{label: grid[label].to_numpy(dtype=np.float32) for label in labels},
-            "patch": patches,
+            "stain_normalised": normalised,
+            "patch": [png(pixels) for pixels, _ in read],
         }
     )
     table = pa.Table.from_pandas(frame, preserve_index=False)
@@ -171,7 +177,8 @@ def _extract_batch(row: dict, slide_rows: dict, labels: list[str], spec: Extract
     buffer = io.BytesIO()
     pq.write_table(table, buffer)
     storage.write_bytes(storage.join(out, "patches", slide_key(uri), f"chunk-{chunk:05d}.parquet"), buffer.getvalue())
-    return {"image": [uri], "chunk": [chunk], "patches": [len(frame)], "error": [""]}
+    kept = int((~normalised).sum()) if normalise.active else 0
+    return {"image": [uri], "chunk": [chunk], "patches": [len(frame)], "error": [""], "stain_kept": [kept]}
 
 
 def _each(rows: list[dict], fn, **kwargs) -> ray.data.Dataset:
@@ -234,6 +241,7 @@ def extract_patches(manifest: Manifest, out: str, spec: ExtractSpec | None = Non
     meta = todo.set_index("image")[[c for c in ("slide_id", "patient_id", "split") if c in todo]].to_dict("index")
 
     written: dict[str, int] = {uri: 0 for uri in todo["image"]}
+    stain_kept = 0
     chunks_ok: dict[str, int] = {uri: 0 for uri in todo["image"]}
     if len(work):
         kwargs = {"slide_rows": meta, "labels": labels, "spec": spec, "out": out}
@@ -245,6 +253,7 @@ def extract_patches(manifest: Manifest, out: str, spec: ExtractSpec | None = Non
                 slide_error[uri] = slide_error.get(uri) or r["error"]
                 continue
             written[uri] += int(r["patches"])
+            stain_kept += int(r["stain_kept"])
             chunks_ok[uri] += 1
             bar.update(int(r["patches"]))
             if chunks_ok[uri] == expected[uri] and not slide_error.get(uri):
@@ -278,6 +287,7 @@ def extract_patches(manifest: Manifest, out: str, spec: ExtractSpec | None = Non
         errors=len(errors),
         patches=sum(written.values()),
         grid_cells=sum(i.get("grid_cells", 0) for uri, i in info.items() if not slide_error.get(uri)),
+        stain_kept=stain_kept,
     )
 
 

@@ -13,6 +13,7 @@ from medray.io import storage
 from medray.wsi.extract import ExtractResult, ExtractSpec, extract_patches
 from medray.wsi.grid import GridSpec
 from medray.wsi.manifest import read_slide_manifest
+from medray.wsi.stain import fit_stain
 
 
 def spec_from_config(config: JobConfig) -> ExtractSpec:
@@ -20,7 +21,7 @@ def spec_from_config(config: JobConfig) -> ExtractSpec:
     grid = GridSpec(w.target_mpp, w.patch_size, w.stride, w.min_tissue, w.max_patches, w.cap_by, config.split.seed)
     return ExtractSpec(
         grid, w.labels_from, w.tumour_label, w.tumour_threshold, w.thumbnail_side, w.min_region_um2,
-        w.default_mpp, w.chunk_patches, int(w.cache_gb * 2**30),
+        w.default_mpp, w.chunk_patches, int(w.cache_gb * 2**30), fit_stain(w.stain_normalise, w.stain_reference),
     )  # fmt: skip
 
 
@@ -42,8 +43,9 @@ def split_slides(config: JobConfig) -> Manifest:
 
 
 def extract_job(config: JobConfig, progress: bool = True) -> tuple[ExtractResult, Manifest]:
+    spec = spec_from_config(config)  # first: a stain reference that cannot be used stops the job before anything is written
     manifest = split_slides(config)
     out = patches_uri(config)
     write_manifest(manifest, storage.join(out, "slide_manifest.parquet"))
     print(summary(manifest.frame, manifest.labels).rename(columns={"images": "slides"}).round(3).to_string())
-    return extract_patches(manifest, out, spec_from_config(config), progress), manifest
+    return extract_patches(manifest, out, spec, progress), manifest
