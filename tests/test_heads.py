@@ -16,6 +16,7 @@ from medray.config import build_config
 from medray.embeddings import heads
 from medray.embeddings.head_runs import train_head
 from medray.embeddings.store import StoreInfo, part_bytes, read_store, to_table
+from medray.evaluation import calibration
 from medray.evaluation.metrics import choose_threshold
 from medray.io import storage
 from medray.training import checkpoint
@@ -196,3 +197,81 @@ def test_an_image_model_job_given_a_head_checkpoint_is_refused_in_one_line(store
     result = train_head(job(tmp_path, store, "knn"))
     with pytest.raises(checkpoint.CheckpointError, match="knn head on embeddings, not an image model"):
         checkpoint.load_model(result.best_checkpoint)
+
+
+# ---- scoring: embed → head ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def embedded_run(split_manifest_path, tmp_path_factory):
+    """The demo radiographs (312) embedded at 32 px by a resnet18 with random weights, saved as a user's state dict
+    file — each batch through `medray embed`'s own decoding and Embedder, in this process — and a linear head on them."""
+    from torchvision.models import resnet18
+
+    from medray.data.manifest import read_manifest
+    from medray.embeddings.backbones import load_encoder
+    from medray.embeddings.embed import Embedder
+    from medray.evaluation.predict import decode_batch
+
+    root = tmp_path_factory.mktemp("embedded")
+    torch.manual_seed(0)
+    torch.save(resnet18().state_dict(), root / "resnet18.pth")
+    encoder = load_encoder("resnet18", str(root / "resnet18.pth"), image_size=32)
+    embedder = Embedder("resnet18", str(root / "resnet18.pth"), encoder.in_channels, 32, {}, encoder.sha256)
+    manifest = read_manifest(split_manifest_path)
+    frame = manifest.frame[["image", "patient_id", "split", *manifest.labels]]
+    batch = embedder(decode_batch({c: frame[c].to_numpy() for c in frame}, 32, encoder.in_channels))
+    info = StoreInfo("resnet18", encoder.dim, encoder.sha256, 32)
+    table = to_table(frame.assign(error=batch["error"]), batch["embedding"], manifest.labels, manifest.task, info)
+    storage.write_bytes(str(root / "embeddings" / "part-00000.parquet"), part_bytes(table))
+    config = build_config({"name": "probe", "storage": str(root / "runs"), "model": {"head": "linear"}, "head": {"C": 0.1},
+                           "embed": {"weights": str(root / "resnet18.pth"), "output": str(root / "embeddings")},
+                           "score": {"batch_size": 8, "part_size": 4, "cpus_per_actor": 0.5}})  # fmt: skip
+    return config, train_head(config)
+
+
+def test_scoring_with_a_head_embeds_each_image_with_its_encoder_and_gives_the_heads_probabilities(embedded_run, tmp_path, ray_session):
+    from medray.jobs import score
+
+    config, trained = embedded_run
+    store = read_store(config.embeddings)
+    chosen = store.frame.index[store.frame["split"] == "test"][:6]
+    names = [Path(uri).name for uri in store.frame.loc[chosen, "image"]]
+    folder = tmp_path / "archive"
+    folder.mkdir()
+    for uri, name in zip(store.frame.loc[chosen, "image"], names):
+        (folder / name).write_bytes(Path(uri).read_bytes())
+    (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    where = {"input": str(folder), "output": str(tmp_path / "scores")}
+    head, meta = heads.load_head(trained.best_checkpoint)
+    val, val_vectors = store.split("val")  # a calibration fitted on val, as `medray evaluate` leaves one in the checkpoint
+    fitted, _ = calibration.fit(store.task, head.probabilities(val_vectors), val[store.labels].to_numpy(float), val["patient_id"])
+    calibration.save(trained.best_checkpoint, fitted)
+
+    summary = score(config.model_copy(update={"score": config.score.model_copy(update=where)}))
+
+    scores = pd.read_parquet(tmp_path / "scores").set_index("image")
+    assert (summary.inputs, summary.scored, summary.errors, summary.parts) == (7, 6, 1, 2)
+    corrupt = scores.loc[str(folder / "corrupt.png")]
+    assert corrupt["error"] != "" and corrupt.filter(like="prob_").isna().all()
+    # The head on the vectors stored for these images, calibrated as the checkpoint says.
+    expected = fitted.apply(head.probabilities(store.vectors[chosen]))
+    got = scores.loc[[str(folder / name) for name in names], [f"prob_{label}" for label in store.labels]].to_numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+    assert set(scores["model_sha256"]) == {meta["sha256"]} == {summary.model_sha256}
+    assert summary.calibrated and scores["calibrated"].all()
+
+
+def test_scoring_with_a_head_refuses_other_encoder_weights_in_one_line(embedded_run, tmp_path):
+    from torchvision.models import resnet18
+
+    from medray.jobs import score
+
+    config, _ = embedded_run
+    torch.manual_seed(1)
+    torch.save(resnet18().state_dict(), tmp_path / "other.pth")
+    job_config = config.model_copy(update={"embed": config.embed.model_copy(update={"weights": str(tmp_path / "other.pth")}),
+                                           "score": config.score.model_copy(update={"input": str(tmp_path)})})  # fmt: skip
+    with pytest.raises(heads.HeadError, match="set embed.weights to the file the store was embedded with") as error:
+        score(job_config)
+    assert "\n" not in str(error.value) and "other.pth" in str(error.value)

@@ -269,7 +269,7 @@ def _validate_external(args, config) -> None:
 
 
 def _score(args, config) -> None:
-    from medray.scoring.score import score
+    from medray.jobs import score
 
     s = score(config)
     print(f"scored {s.inputs} inputs: {s.scored} scored, {s.errors} errors → {s.output}")

@@ -33,3 +33,24 @@ def evaluate(config: JobConfig):
     from medray.evaluation.evaluate import evaluate as evaluate_images
 
     return evaluate_images(config)
+
+
+def score(config: JobConfig):
+    """Score ``score.input`` with an image model, or with a head on embeddings (embed → head) when the checkpoint is one."""
+    from medray.scoring.score import score as score_images
+    from medray.training import checkpoint
+
+    uri = checkpoint.resolve(config.score.checkpoint, config.run_dir)
+    meta = checkpoint.read_meta(uri)
+    if meta.get("head") not in EMBEDDING_HEADS:
+        return score_images(config)
+    from functools import partial
+
+    from medray.config import ConfigError
+    from medray.embeddings.head_scoring import encoder_for, predict_head
+
+    if config.score.gradcam_threshold is not None:
+        raise ConfigError("score.gradcam_threshold: a head on embeddings reads vectors, not pixels, so it has no Grad-CAM; unset it")
+    # The encoder checked against the head's record before anything is listed or written.
+    encoder, weights, model_args = encoder_for(meta, uri, config.embed.weights, config.embed.model_args)
+    return score_images(config, partial(predict_head, weights=weights, model_args=model_args, encoder=encoder))

@@ -53,39 +53,30 @@ def _metrics(head: heads.Head, store: Embeddings) -> dict:
 def train_head(config: JobConfig) -> TrainResult:
     """Fit ``config.model.head`` on the store's train split and record it as the run's best checkpoint."""
     store, uri = _store(config)
-    kind, h, loss_config = config.model.head, config.head, config.loss
+    kind, h, c = config.model.head, config.head, config.loss
     (train, x), (val, vx) = store.split("train"), store.split("val")
     if not len(train) or not len(val):
         raise heads.HeadError(f"{uri}: {len(train)} train and {len(val)} val rows; a head needs both (embed a split manifest)")
-    log.info(
-        "training a %s head on %d train vectors (%s, dim %d), validating on %d",
-        kind,
-        len(train),
-        store.info.backbone,
-        store.info.dim,
-        len(val),
-    )
+    log.info("training a %s head on %d train vectors (%d-dim), validating on %d", kind, len(train), store.info.dim, len(val))
     y = heads.targets(train, store.labels)
-    loss = make_loss(store.task, y, loss_config.weighting, loss_config.beta, loss_config.focal_gamma, loss_config.label_smoothing)
+    loss = make_loss(store.task, y, c.weighting, c.beta, c.focal_gamma, c.label_smoothing)
+    # Which weights file (and timm arguments) embedded the store: scoring's default encoder, checked by its sha256 there.
+    recorded = {"encoder": {"weights": config.embed.weights, "model_args": config.embed.model_args}}
     if kind == "mlp":
         from medray.embeddings.mlp import train_mlp  # Ray Train: only when it trains
 
-        meta = heads.head_meta(
-            kind, store.labels, store.task, store.info, uri, hidden=h.hidden, dropout=h.dropout, prior_shift=prior_shift(loss)
-        )
+        settings = {"hidden": h.hidden, "dropout": h.dropout, "prior_shift": prior_shift(loss), **recorded}
+        meta = heads.head_meta(kind, store.labels, store.task, store.info, uri, **settings)
         best, metrics = train_mlp(config, (x, y, vx, heads.targets(val, store.labels)), loss, meta)
     else:
         if kind == "linear":
-            head, chosen = heads.fit_linear(store, uri, loss_config.weighting, loss_config.beta, h.C)
-            extra = {**chosen, "prior_shift": prior_shift(loss), "weighting": loss_config.weighting}
+            head, chosen = heads.fit_linear(store, uri, c.weighting, c.beta, h.C)
+            settings = {**chosen, "prior_shift": prior_shift(loss), "weighting": c.weighting}
         else:
-            head, extra = heads.fit_knn(store, h.k, h.weights), {"k": h.k, "weights": h.weights}
+            head, settings = heads.fit_knn(store, h.k, h.weights), {"k": h.k, "weights": h.weights}
         metrics = _metrics(head, store)
-        best = heads.save_head(
-            storage.join(config.run_dir, "heads"),
-            head,
-            heads.head_meta(kind, store.labels, store.task, store.info, uri, metrics=metrics, **extra),
-        )
+        meta = heads.head_meta(kind, store.labels, store.task, store.info, uri, metrics=metrics, **settings, **recorded)
+        best = heads.save_head(storage.join(config.run_dir, "heads"), head, meta)
     checkpoint.write_best(config.run_dir, best, metrics)
     return TrainResult(best, metrics)
 
