@@ -161,6 +161,18 @@ class EmbedConfig(_Section):
     part_size: int = Field(1000, ge=1, description="inputs per store part; a rerun skips committed parts")
 
 
+class HeadConfig(_Section):
+    """``model.head: linear | knn | mlp``: a small head trained on the embedding store (medray.embeddings.heads)."""
+
+    C: float | None = Field(
+        None, gt=0, description="linear: inverse L2 strength on standardised vectors; default chosen per output on val from 1e-4…1e2"
+    )
+    k: int = Field(20, ge=1, description="knn: neighbours (cosine) whose labels vote")
+    weights: Literal["uniform", "distance"] = Field("distance", description="knn: each neighbour's vote, equal or 1/distance")
+    hidden: int = Field(256, ge=1, description="mlp: units of its one hidden layer")
+    dropout: float = Field(0.2, ge=0, lt=1, description="mlp: dropout before its output layer")
+
+
 class TrainConfig(_Section):
     epochs: int = Field(8, ge=1)
     batch_size: int = Field(32, ge=1)
@@ -404,6 +416,7 @@ class JobConfig(_Section):
     sampling: SamplingConfig = SamplingConfig()
     loss: LossConfig = LossConfig()
     model: ModelConfig = ModelConfig()
+    head: HeadConfig = HeadConfig()
     embed: EmbedConfig = EmbedConfig()
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()

@@ -20,7 +20,7 @@ import pandas as pd
 from medray.config import ConfigError, JobConfig
 from medray.data import rows, splits
 from medray.data.labels import agreement_summary
-from medray.data.manifest import read_manifest
+from medray.data.manifest import Manifest, read_manifest
 from medray.evaluation import calibration, explain, intervals
 from medray.evaluation.experts import consensus_check, rater_table
 from medray.evaluation.levels import LEVELS, aggregate
@@ -175,30 +175,57 @@ def read_audit(run_dir: str) -> dict | None:
     return audit
 
 
-def evaluate(config: JobConfig) -> Evaluation:
-    """Evaluate the run's best checkpoint on the held-out images (slides: ``medray.jobs.evaluate``)."""
-    # The report imports matplotlib: only when writing one.
-    from medray.evaluation.report.sections import build_report
+@dataclass
+class Scored:
+    """What a model said about the held-out rows: the input of evaluation's core, whatever the model.
 
+    ``frame`` holds the val and test rows that were scored: ``split``, ``patient_id``, the label columns,
+    one ``prob_<label>`` each (raw outputs: calibration is fitted on val here) and whatever metadata the
+    rows carry (``METADATA``, rater votes, ``image``). ``manifest`` is every row the model was trained and
+    evaluated on, all splits (the split summary, the model card); ``source`` its URI, named in the report.
+    ``gradcam``: the error gallery draws Grad-CAM overlays (image models; a head on embeddings sees no pixels)."""
+
+    frame: pd.DataFrame
+    manifest: Manifest
+    source: str
+    checkpoint: str
+    failed: int = 0  # held-out rows that could not be scored (unreadable images, inputs that were not embedded)
+    gradcam: bool = True
+
+
+def evaluate(config: JobConfig) -> Evaluation:
+    """Evaluate the run's best checkpoint on the held-out images (slides and heads: ``medray.jobs.evaluate``)."""
     e = config.evaluate
     checkpoint_uri = checkpoint.resolve(e.checkpoint, config.run_dir)
     manifest = read_manifest(config.manifest)
     if config.data.fold is not None:  # thresholds on the fold the model was validated on
         manifest.frame = splits.fold_view(manifest.frame, config.data.fold)
-    labels, probs, task = manifest.labels, prob_columns(manifest.labels), manifest.task
-    checkpoint.check_fits(checkpoint_uri, labels, task, config.manifest)  # before the slow part
+    labels = manifest.labels
+    checkpoint.check_fits(checkpoint_uri, labels, manifest.task, config.manifest)  # before the slow part
     check_prevalence(labels, e.deployment_prevalence)
     frame = manifest.frame
     columns = ["image", "split", *labels, *(c for c in frame if c in METADATA or c.startswith(VOTE_PREFIXES))]
     held_out = frame[frame["split"].isin(["val", "test"])][columns]
     # Raw outputs: calibration is fitted here, so an existing calibration.json must not be applied first.
     scored = predict(rows(held_out), checkpoint_uri, e.batch_size, calibrated=False).to_pandas()
+    failed = int((scored["error"] != "").sum())
+    return evaluate_scored(config, Scored(scored[scored["error"] == ""], manifest, config.manifest, checkpoint_uri, failed))
 
-    failed = scored[scored["error"] != ""]
-    scored = scored[scored["error"] == ""]
-    val, test = scored[scored["split"] == "val"], scored[scored["split"] == "test"].reset_index(drop=True)
+
+def evaluate_scored(config: JobConfig, scored: Scored) -> Evaluation:
+    """Evaluation's core, from the held-out rows' scores on: metrics at thresholds chosen on val, patient-bootstrap
+    intervals, levels, calibration fitted on val (written to the checkpoint), subgroups, raters, report and model card."""
+    # The report imports matplotlib: only when writing one.
+    from medray.evaluation.report.sections import build_report
+
+    e, manifest, checkpoint_uri = config.evaluate, scored.manifest, scored.checkpoint
+    labels, task = manifest.labels, manifest.task
+    probs = prob_columns(labels)
+    check_prevalence(labels, e.deployment_prevalence)
+    frame = scored.frame.reset_index(drop=True)
+    val, test = frame[frame["split"] == "val"], frame[frame["split"] == "test"].reset_index(drop=True)
     val_y, val_p, test_y, test_p = (f[c].to_numpy(dtype=float) for f in (val, test) for c in (labels, probs))
-    log.info("evaluating %d test images of %d patients (%d resamples)", len(test), test["patient_id"].nunique(), e.bootstrap)
+    log.info("evaluating %d test rows of %d patients (%d resamples)", len(test), test["patient_id"].nunique(), e.bootstrap)
 
     table = label_table(labels, val_y, val_p, test_y, test_p, e.threshold, e.threshold_target, e.deployment_prevalence)
     table = with_intervals(table, test, labels, e.bootstrap, e.seed)
@@ -213,17 +240,17 @@ def evaluate(config: JobConfig) -> Evaluation:
     subgroups = subgroup_table(test, labels, probs, table, e.bootstrap, e.seed, e.subgroup_min_cases)
     agreement = agreement_summary(test, labels)
     unanimous = unanimous_table(test, labels, table, e.bootstrap, e.seed)
-    tiles = gradcam_tiles(checkpoint_uri, error_cases(test, labels, table, e.gallery))
+    tiles = gradcam_tiles(checkpoint_uri, error_cases(test, labels, table, e.gallery)) if scored.gradcam else None
     experts, consensus_rules = read_raters(e, test, labels)
 
     out_dir = storage.join(config.run_dir, "evaluation")
     buffer = io.BytesIO()
-    scored.to_parquet(buffer, index=False)
+    frame.to_parquet(buffer, index=False)
     storage.write_bytes(storage.join(out_dir, "predictions.parquet"), buffer.getvalue())
     result = Evaluation(table, calib, subgroups, agreement, unanimous, summary, levels=by_level, experts=experts, consensus=consensus_rules)
     paths = build_report(
-        out_dir, config, manifest, result, checkpoint_uri,
-        splits.summary(frame, labels), test_y, test_p, calibrated, tiles, read_audit(config.run_dir), len(failed),
+        out_dir, config, manifest, result, checkpoint_uri, splits.summary(manifest.frame, labels), test_y, test_p,
+        calibrated, tiles, read_audit(config.run_dir), scored.failed, source=scored.source,
     )  # fmt: skip
     paths["predictions"] = storage.join(out_dir, "predictions.parquet")
     result.paths = paths

@@ -119,6 +119,7 @@ def predict(
             "decode images: lower score.actors or score.cpus_per_actor"
         )
     meta = checkpoint.read_meta(checkpoint_uri)
+    checkpoint.check_image_model(checkpoint_uri, meta)
     decode = {"size": meta["image_size"], "channels": meta["in_channels"], "encoded": encoded, "facts": facts}
     return ds.map_batches(decode_batch, fn_kwargs=decode, batch_size=DECODE_BATCH).map_batches(
         Predictor,

@@ -19,7 +19,7 @@ import io
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from itertools import islice
@@ -134,7 +134,10 @@ def _with_errors(frame: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
-def score(config: JobConfig) -> ScoreSummary:
+def score(config: JobConfig, predictor: Callable = predict) -> ScoreSummary:
+    """Score ``score.input`` with ``score.checkpoint`` (default the run's best) into ``score.output``; resumable.
+    ``predictor``: how rows become probabilities, ``predict``'s signature (a head on embeddings brings its own:
+    ``medray.jobs.score`` chooses)."""
     s = config.score
     if not s.input:
         raise ValueError("score.input is required: a folder, an s3:// prefix or a manifest of images")
@@ -150,7 +153,7 @@ def score(config: JobConfig) -> ScoreSummary:
     committed = parts.resume(out)
     listing = partial(_listing, s.input, tuple(s.extensions))
     rows = parts.read_listing(out, s.input, listing, s.part_size, min(s.batch_size, s.part_size), committed)
-    scored = predict(rows, checkpoint_uri, s.batch_size, s.actors, calibrated=True, cpus=s.cpus_per_actor, facts=True)
+    scored = predictor(rows, checkpoint_uri, s.batch_size, s.actors, calibrated=True, cpus=s.cpus_per_actor, facts=True)
     writer = parts.PartWriter(out, _scores_part)
     try:
         for batch in scored.iter_batches(batch_size=None, batch_format="pandas"):

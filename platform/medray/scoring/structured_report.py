@@ -337,7 +337,8 @@ def report_scores(config, output: str, checkpoint_uri: str, model_sha256: str, c
     meta = checkpoint.read_meta(checkpoint_uri)
     labels, task = list(meta["labels"]), meta.get("task", "multi-label")
     thresholds, rule = frozen_thresholds(config.run_dir, checkpoint_uri, model_sha256, labels, task, calibrated)
-    model = Model(f"{meta['backbone']} · {config.name}", model_sha256, thresholds, rule)
+    name = meta.get("backbone") or f"{meta.get('head')} head on {meta.get('embedding', {}).get('backbone', '?')}"  # a head on embeddings
+    model = Model(f"{name} · {config.name}", model_sha256, thresholds, rule)
     fs, path = storage.filesystem(output)
     scores = pq.read_table(path, filesystem=fs, columns=["image", "error", *(f"prob_{label}" for label in labels)]).to_pandas()
     counts = write_reports(scores, model, output)

@@ -90,10 +90,18 @@ def identity(uri: str) -> str:
     return _sha256(_verified(uri)[MODEL_FILE])
 
 
+def check_image_model(uri: str, meta: dict) -> None:
+    """Refuse a checkpoint of a head on embeddings (``meta["head"]``, see medray.embeddings) where an image model is needed."""
+    if meta.get("head", "backbone") != "backbone":
+        raise CheckpointError(f"{uri} holds a {meta['head']} head on embeddings, not an image model: "
+                              f"run it with model.head: {meta['head']}")  # fmt: skip
+
+
 def load_model(uri: str) -> tuple[Classifier, dict]:
     """The model of checkpoint ``uri`` in eval mode, and its metadata plus the weights' sha256."""
     files = _verified(uri)
     meta, data = json.loads(files[META_FILE]), files[MODEL_FILE]
+    check_image_model(uri, meta)
     state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     meta.setdefault("task", "multi-label")
     model = build_model(meta["backbone"], head_size(meta["task"], len(meta["labels"])), meta["in_channels"])

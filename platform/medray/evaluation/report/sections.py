@@ -196,9 +196,35 @@ def _run_records(run_dir: str, checkpoint_uri: str, fallback: dict) -> tuple[dic
     return meta, train or fallback
 
 
-def _model_card(config, manifest, result, checkpoint_uri: str, split_summary: pd.DataFrame, failed: int) -> Section:
+HEADS = ("linear", "knn", "mlp")  # heads on embeddings (medray.embeddings.heads): a model that sees vectors, not pixels
+
+
+def _model_lines(meta: dict, train: dict, manifest, checkpoint_uri: str) -> list[str]:
+    """What the model is: an image model's backbone and input, or a head and the encoder whose embeddings it reads."""
+    t, m, labels, task = train.get("train", {}), train.get("model", {}), manifest.labels, meta.get("task", manifest.task)
+    if meta.get("head") not in HEADS:
+        return [f"backbone {meta.get('backbone', m.get('backbone', '?'))}, {task} over labels {', '.join(labels)}",
+                f"input {meta.get('image_size', '?')} px, {meta.get('in_channels', '?')} channel(s); checkpoint of epoch {meta.get('epoch', '?')}",
+                (f"trained {t.get('epochs', '?')} epochs, batch {t.get('batch_size', '?')}, lr {t.get('lr', '?')}, "
+                 f"{t.get('workers', '?')} DDP workers; weights: {m.get('weights') or 'random initialisation'}"),
+                f"checkpoint {checkpoint_uri}"]  # fmt: skip
+    e = meta["embedding"]
+    kind = {"linear": "logistic regression on standardised vectors, L2 C per output (chosen on val unless set): "
+                      + ", ".join(f"{c:g}" for c in meta.get("C", [])),
+            "knn": f"the {meta.get('k')} nearest train vectors by cosine, {meta.get('weights')} votes",
+            "mlp": f"one hidden layer of {meta.get('hidden')} units, dropout {meta.get('dropout')}; checkpoint of epoch "
+                   f"{meta.get('epoch', -1) + 1} of {t.get('epochs', '?')}, batch {t.get('batch_size', '?')}, lr {t.get('lr', '?')}, "
+                   f"{t.get('workers', '?')} DDP workers"}[meta["head"]]  # fmt: skip
+    return [f"{meta['head']} head on frozen {e['backbone']} embeddings, {task} over labels {', '.join(labels)}: {kind}",
+            (f"encoder {e['backbone']}, weights sha256 {e['weights_sha256']}, images at {e['image_size']} px, {e['dim']}-dimensional "
+             "vectors: scoring embeds new images with this same encoder"),
+            f"checkpoint {checkpoint_uri}"]  # fmt: skip
+
+
+def _model_card(config, manifest, result, checkpoint_uri: str, split_summary: pd.DataFrame, failed: int, source: str) -> Section:
     meta, train = _run_records(config.run_dir, checkpoint_uri, config.model_dump(mode="json"))
-    t, m = train.get("train", {}), train.get("model", {})
+    head = meta.get("head") in HEADS
+    read = "embedded" if head else "decoded"
     table, labels = result.table, manifest.labels
     row = split_summary.loc["train"] if "train" in split_summary.index else None
     flagged = result.subgroups[result.subgroups["below_overall"]] if len(result.subgroups) else result.subgroups
@@ -222,26 +248,23 @@ def _model_card(config, manifest, result, checkpoint_uri: str, split_summary: pd
         "overstates what a clinic will see." if enriched else "No label's test prevalence is more than twice its training prevalence.",
         prevalence_note,
         calibration_note,
-        "Grad-CAM maps show what raised a logit, not a clinical rationale.",
+        "No Grad-CAM: the head reads frozen embeddings, not pixels, so nothing shows where in an image it looked."
+        if head else "Grad-CAM maps show what raised a logit, not a clinical rationale.",
         "No external (other-site) test set: performance at another hospital is unknown."
         if "site" not in manifest.frame else "Sites: see the subgroup table.",
-        f"{failed} held-out images could not be decoded and are missing from these metrics." if failed else
-        "Every held-out image was decoded and scored.",
+        f"{failed} held-out images could not be {read} and are missing from these metrics." if failed else
+        f"Every held-out image was {read} and scored.",
     ]  # fmt: skip
     limitations.insert(0, "One held-out split of the same source as training: check that it is the population of intended use.")
     return Section("Model card", "model-card", [
         Heading("Intended use"), config.evaluate.intended_use or (
-            f"Not stated (set evaluate.intended_use). The model was trained and tested on {config.manifest} only, "
+            f"Not stated (set evaluate.intended_use). The model was trained and tested on {source} only, "
             f"a {manifest.task} task over {', '.join(labels)}: nothing in this report shows it fit for another "
             "population, another kind of image, or clinical use."),
         Heading("Model"),
-        [f"backbone {meta.get('backbone', m.get('backbone', '?'))}, {meta.get('task', manifest.task)} over labels {', '.join(labels)}",
-         f"input {meta.get('image_size', '?')} px, {meta.get('in_channels', '?')} channel(s); checkpoint of epoch {meta.get('epoch', '?')}",
-         (f"trained {t.get('epochs', '?')} epochs, batch {t.get('batch_size', '?')}, lr {t.get('lr', '?')}, "
-         f"{t.get('workers', '?')} DDP workers; weights: {m.get('weights') or 'random initialisation'}"),
-         f"checkpoint {checkpoint_uri}"],
+        _model_lines(meta, train, manifest, checkpoint_uri),
         Heading("Training data"),
-        f"{int(row['patients'])} patients, {int(row['images'])} images (split manifest {config.manifest}); "
+        f"{int(row['patients'])} patients, {int(row['images'])} images ({'embedding store' if head else 'split manifest'} {source}); "
         + ", ".join(f"{lab} {row[f'{lab} prevalence']:.1%}" for lab in labels) if row is not None else "unknown",
         Heading("Evaluation data"),
         (f"The test split: {int(split_summary.loc['test', 'patients'])} patients, {int(split_summary.loc['test', 'images'])} "
@@ -260,8 +283,23 @@ def _model_card(config, manifest, result, checkpoint_uri: str, split_summary: pd
     ])  # fmt: skip
 
 
-def build_report(out_dir, config, manifest, result, checkpoint_uri, split_summary, test_y, test_p, calibrated, tiles, audit, failed) -> dict[str, str]:
+def _error_blocks(tiles: list | None, gallery: int) -> list:
+    if tiles is None:
+        return ["No Grad-CAM gallery: a head on embeddings reads frozen vectors, not pixels, so there is no map of where it "
+                "looked. Its false positives and negatives at the val threshold are the rows of predictions.parquet whose "
+                "prob_<label> falls on the wrong side of the label's threshold (their counts: fp and fn in metrics.json)."]  # fmt: skip
+    if not tiles:
+        return ["No errors to show (or evaluate.gallery is 0)."]
+    return [(f"The {gallery} most confident false positives and false negatives per label at the val threshold, "
+             "with Grad-CAM overlays for that label (red: raised the logit most)."),
+            Figure("errors.png", plots.gallery(tiles), "Error gallery with Grad-CAM")]  # fmt: skip
+
+
+def build_report(out_dir, config, manifest, result, checkpoint_uri, split_summary, test_y, test_p, calibrated, tiles, audit, failed, source=None) -> dict[str, str]:  # fmt: skip
+    """The report and model card. ``tiles``: the Grad-CAM gallery, None where it does not apply (a head on embeddings);
+    ``source``: what the model was trained and tested on (default the run's manifest)."""
     labels, table, e = manifest.labels, result.table, config.evaluate
+    source, head = source or config.manifest, tiles is None
     overview = [
         f"checkpoint: {checkpoint_uri}",
         f"test split: {len(test_y)} images; mean AUROC over labels {result.mean_auroc:.3f}",
@@ -310,7 +348,10 @@ def build_report(out_dir, config, manifest, result, checkpoint_uri, split_summar
     )
     sections = [
         Section("Summary", "summary", [overview]),
-        Section("Data and splits", "data", ["Patients, images and prevalence per split.", split_summary, *_augment_blocks(config)]),
+        Section("Data and splits", "data", [
+            f"Patients, images and prevalence per split ({'embedding store' if head else 'manifest'} {source}).", split_summary,
+            *(["A head trains on frozen embeddings: no augmentation."] if head else _augment_blocks(config)),
+        ]),
         _audit_section(audit),
         _ground_truth_section(result),
         Section("Test metrics per label", "metrics", metric_blocks),
@@ -326,13 +367,8 @@ def build_report(out_dir, config, manifest, result, checkpoint_uri, split_summar
             Figure("reliability.png", plots.reliability_diagrams(calibration_curves), "Reliability diagrams"),
         ]),
         Section("Subgroups", "subgroups", _subgroup_blocks(result.subgroups, table)),
-        Section("Error analysis", "errors", (
-            [(f"The {e.gallery} most confident false positives and false negatives per label at the val threshold, "
-             "with Grad-CAM overlays for that label (red: raised the logit most)."),
-             Figure("errors.png", plots.gallery(tiles), "Error gallery with Grad-CAM")]
-            if tiles else ["No errors to show (or evaluate.gallery is 0)."]
-        )),
-        _model_card(config, manifest, result, checkpoint_uri, split_summary, failed),
+        Section("Error analysis", "errors", _error_blocks(tiles, e.gallery)),
+        _model_card(config, manifest, result, checkpoint_uri, split_summary, failed, source),
     ]
     metrics = {
         "checkpoint": checkpoint_uri,
