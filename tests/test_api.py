@@ -17,7 +17,7 @@ def test_import_medray_loads_none_of_torch_ray_or_pandas():
 def test_every_public_name_resolves_to_what_it_names():
     for name in medray.__all__:
         assert getattr(medray, name) is not None, name
-    assert callable(medray.train) and medray.train.__module__ == "medray.training.trainer"
+    assert callable(medray.train) and medray.train.__module__ == "medray.jobs"
     assert issubclass(medray.ConfigError, medray.MedrayError)
 
 

@@ -33,7 +33,7 @@ _EXPORTS = {
     "split_with_config": "medray.data.splits",
     "audit": "medray.data.audit",
     "prepare": "medray.data.cache",
-    "train": "medray.training.trainer",
+    "train": "medray.jobs",
     "run_sweep": "medray.sweeps.tune",
     "evaluate": "medray.jobs",
     "score": "medray.scoring.score",

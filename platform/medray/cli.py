@@ -234,7 +234,7 @@ def _tissue_arguments(parser) -> None:
 
 
 def _train(args, config) -> None:
-    from medray.training.trainer import train
+    from medray.jobs import train
 
     result = train(config)
     print(f"best checkpoint (val mean AUROC {result.metrics['val_auroc_mean']:.3f}): {result.best_checkpoint}")
