@@ -402,6 +402,22 @@ class WsiConfig(_Section):
     top_k: int = Field(5, ge=1, description="with aggregate: topk, the mean of the k highest patch scores")
 
 
+class MilConfig(_Section):
+    """``model.head: abmil``: gated-attention multiple-instance learning over each slide's patch embeddings (medray.wsi.mil)."""
+
+    level: Literal["slide", "patient"] = Field("slide", description="one bag per slide, or per patient (all of the patient's slides)")
+    bag_size: int = Field(
+        512,
+        ge=1,
+        description="patches per bag in training: larger bags are sampled afresh each epoch (seeded); evaluation uses every patch",
+    )
+    hidden: int = Field(128, ge=1, description="width of the patch projection")
+    attention: int = Field(64, ge=1, description="width of the gated attention branch")
+    dropout: float = Field(0.25, ge=0, lt=1, description="dropout on the projected patches in training")
+    bags_per_step: int = Field(1, ge=1, description="bags per optimiser step (padded and masked)")
+    baseline: bool = Field(True, description="evaluate: also fit patch-label mean pooling on the same embeddings and compare")
+
+
 # The section is called ``validate`` (``--set validate.manifest=…``), which hides pydantic v1's deprecated
 # ``BaseModel.validate`` classmethod that nothing here calls; only that one warning is silenced.
 warnings.filterwarnings("ignore", message='Field name "validate" in "JobConfig" shadows', category=UserWarning)
@@ -428,6 +444,7 @@ class JobConfig(_Section):
     s3: S3Config = S3Config()
     dicomweb: DicomWebConfig = DicomWebConfig()
     wsi: WsiConfig = WsiConfig()
+    mil: MilConfig = MilConfig()
     audit: AuditConfig = AuditConfig()
     tracking: TrackingConfig = TrackingConfig()
 

@@ -1,6 +1,7 @@
-"""Jobs that choose between rooms: whole-slide runs (``wsi.patches`` set) go to ``medray.wsi``, heads on
-embeddings (``model.head``: linear, knn or mlp) to ``medray.embeddings``; both build on training and
-evaluation, so the choice is made here, above all of them."""
+"""Jobs that choose between rooms: whole-slide runs (``wsi.patches`` set) and attention-MIL on slide
+embeddings (``model.head: abmil``) go to ``medray.wsi``, heads on embeddings (``model.head``: linear, knn
+or mlp) to ``medray.embeddings``; both build on training and evaluation, so the choice is made here,
+above all of them."""
 
 from __future__ import annotations
 
@@ -10,22 +11,30 @@ EMBEDDING_HEADS = ("linear", "knn", "mlp")  # medray.embeddings.heads.HEADS, nam
 
 
 def train(config: JobConfig):
-    """Train the run: a head on its embedding store, or the image model (on images or whole-slide patches)."""
+    """Train the run: a head on its embedding store, attention-MIL over slide embeddings, or the image model."""
     if config.model.head in EMBEDDING_HEADS:
         from medray.embeddings.head_runs import train_head
 
         return train_head(config)
+    if config.model.head == "abmil":
+        from medray.wsi.mil_train import train_mil
+
+        return train_mil(config)
     from medray.training.trainer import train as train_images
 
     return train_images(config)
 
 
 def evaluate(config: JobConfig):
-    """Evaluate the run: per image, per slide when it trained on whole-slide patches, or its head on embeddings."""
+    """Evaluate the run: per image, per slide (whole-slide patches), per bag (attention-MIL), or its head on embeddings."""
     if config.model.head in EMBEDDING_HEADS:
         from medray.embeddings.head_runs import evaluate_head
 
         return evaluate_head(config)
+    if config.model.head == "abmil":
+        from medray.wsi.mil_eval import evaluate_mil
+
+        return evaluate_mil(config)
     if config.wsi.patches:
         from medray.wsi.slide_eval import evaluate_slides
 
