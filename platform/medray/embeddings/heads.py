@@ -269,7 +269,7 @@ def load_head(uri: str) -> tuple[Head, dict]:
     meta["sha256"] = checkpoint.identity(uri)
     labels, task, dim = meta["labels"], meta["task"], meta["embedding"]["dim"]
     if kind == "knn":
-        model = KnnHead(state["vectors"].numpy(), state["targets"].numpy(), meta["k"], meta["weights"])
+        model = KnnHead(state["vectors"].cpu().numpy(), state["targets"].cpu().numpy(), meta["k"], meta["weights"])
     else:
         model = VectorHead(dim, head_size(task, len(labels)), meta.get("hidden", 0), meta.get("dropout", 0.0))
         model.load_state_dict(state["model"])
