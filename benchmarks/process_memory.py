@@ -1,4 +1,4 @@
-"""Peak memory of a process tree (a driver and its local Ray: GCS, raylet, workers, actors), from /proc.
+"""Peak memory and CPU time of a process tree (a driver and its local Ray: GCS, raylet, workers, actors), from /proc.
 
 PSS (proportional set size) divides shared pages (Ray's object store is shared memory) among the
 processes that map them, so summing it over the tree counts nothing twice. Linux only; psutil is not
@@ -38,6 +38,22 @@ def tree_pss(root: int) -> int:
             with open(f"/proc/{pid}/smaps_rollup") as f:
                 total += next(int(line.split()[1]) * 1024 for line in f if line.startswith("Pss:"))
         except (OSError, StopIteration):
+            pass  # exited meanwhile
+    return total
+
+
+def tree_cpu_seconds(root: int | None = None) -> float:
+    """CPU seconds (user + system) used so far by ``root`` (default this process) and every process under
+    it that is still running: the difference over a stretch of work is what the work cost in CPU, whatever
+    else shares the machine."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in _descendants(root or os.getpid()):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+        except (OSError, IndexError, ValueError):
             pass  # exited meanwhile
     return total
 
