@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -17,10 +18,11 @@ from medray.config import build_config
 from medray.data.manifest import Manifest
 from medray.io import storage
 from medray.wsi import demo_slides
-from medray.wsi.extract import ExtractSpec, done_marker, extract_patches, slide_key
+from medray.wsi.extract import ExtractSpec, done_marker, extract_patches, plan_slide, read_patch, slide_key
 from medray.wsi.grid import GridSpec
 from medray.wsi.job import extract_job
 from medray.wsi.manifest import read_slide_manifest
+from medray.wsi.slides import open_slide
 
 SPEC = ExtractSpec(GridSpec(target_mpp=1.0, patch_size=32, min_tissue=0.5, max_patches=24), labels_from="annotation",
                    thumbnail_side=128, min_region_um2=2000, chunk_patches=10)  # fmt: skip
@@ -100,6 +102,53 @@ def test_patches_are_pngs_of_the_requested_size_with_coordinates_and_labels(extr
     assert (negative["tumour"] == 0).all()
     assert positive["tumour"].tolist() == (positive["tumour_fraction"] >= 0.5).astype(float).tolist()
     assert 0 < positive["tumour"].sum() < len(positive)
+
+
+def _reference(frame: pd.DataFrame, spec: ExtractSpec) -> pd.DataFrame:
+    """What extraction must produce for these slides: the planning functions and ``read_patch`` applied
+    directly, one slide after the other, in this process."""
+    rows = []
+    for row in frame.to_dict("records"):
+        grid, _ = plan_slide(row, ["tumour"], spec)
+        with open_slide(row["image"]) as slide:
+            pixels = [read_patch(slide, r, spec.grid.patch_size) for r in grid.to_dict("records")]
+        rows.append(grid.assign(image=row["image"], pixels=pixels))
+    return pd.concat(rows).sort_values(["image", "y", "x"]).reset_index(drop=True)
+
+
+def _same_patches(patches: pd.DataFrame, reference: pd.DataFrame) -> None:
+    patches = patches.sort_values(["image", "y", "x"]).reset_index(drop=True)
+    for column in ("image", "x", "y", "level", "size", "tissue"):
+        assert patches[column].tolist() == reference[column].tolist(), column
+    assert np.array_equal(patches["tumour_fraction"], reference["tumour_fraction"].astype(np.float32), equal_nan=True)
+    assert np.array_equal(patches["tumour"], reference["tumour"])
+    for png, pixels in zip(patches["patch"], reference["pixels"]):
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(png))), pixels)
+
+
+def test_the_one_pass_job_writes_exactly_the_patches_of_planning_and_reading_each_slide_directly(extracted):
+    out, _, frame = extracted
+    _same_patches(_patches(out), _reference(frame.iloc[:6], SPEC))
+
+
+def test_a_slide_of_many_chunks_is_cut_into_bounded_shards_each_with_its_own_patches(slide_dir, tmp_path, ray_session):
+    """Four patches a chunk: each readable slide has more chunks than the two CPUs keep in flight, so its
+    chunks wait their turn in the driver; a slide whose tiles are corrupt fails in its chunk tasks."""
+    spec = replace(SPEC, chunk_patches=4)
+    manifest = read_slide_manifest(str(slide_dir / "all.csv"))
+    frame = manifest.frame[manifest.frame["slide_id"].isin(["slide_000", "slide_001", "bad_tile"])].assign(split="train")
+    result = extract_patches(Manifest(frame, manifest.labels), str(tmp_path), spec, progress=False)
+    assert (result.done, result.errors) == (2, 1)
+    good = frame[frame["slide_id"] != "bad_tile"]
+    reference = _reference(good, spec)
+    for uri, expected in reference.groupby("image").size().items():
+        shards = sorted(os.listdir(tmp_path / "patches" / slide_key(uri)))
+        assert shards == [f"chunk-{i:05d}.parquet" for i in range(-(-expected // 4))]
+        assert all(len(pd.read_parquet(tmp_path / "patches" / slide_key(uri) / name)) <= 4 for name in shards)
+    _same_patches(_patches(str(tmp_path)), reference)
+    errors = pd.read_parquet(tmp_path / "errors.parquet")
+    assert errors["image"].tolist() == [str(slide_dir / "bad_tile.tif")] and "cannot" in errors["reason"].iloc[0]
+    assert not os.path.exists(tmp_path / "patches" / slide_key(str(slide_dir / "bad_tile.tif")))
 
 
 def test_no_slide_and_no_patient_has_patches_on_both_sides_of_the_split(slide_dir, tmp_path, ray_session):

@@ -217,12 +217,13 @@ def _demo_slides_arguments(parser) -> None:
 
 def _tissue(args, config) -> None:
     from medray.io import storage
+    from medray.wsi.extract import png
     from medray.wsi.slides import open_slide
-    from medray.wsi.tissue import detect, overlay_png
+    from medray.wsi.tissue import detect, overlay
 
     with open_slide(storage.absolute(args.slide)) as slide:
         mask = detect(slide, config.wsi.thumbnail_side, config.wsi.min_region_um2)
-    storage.write_bytes(storage.absolute(args.out), overlay_png(mask))
+    storage.write_bytes(storage.absolute(args.out), png(overlay(mask)))
     print(f"tissue covers {mask.fraction:.1%} of the slide{' — NO TISSUE FOUND' if mask.empty else ''} → {args.out}")
 
 
@@ -390,7 +391,7 @@ COMMANDS: dict[str, Command] = {
         _embed, "a frozen backbone's embeddings of a manifest or patch store (Ray Data), exactly once per input", ray=True, job=True
     ),
     "demo": Command(_demo, "the end-to-end demo on generated data", ray=True, job=True),
-    "extract-patches": Command(_extract_patches, "whole-slide images → tissue patches (Ray Data)", ray=True, job=True),
+    "extract-patches": Command(_extract_patches, "whole-slide images → tissue patches (Ray, one streaming pass)", ray=True, job=True),
     "augment-preview": Command(_augment_preview, "a grid of training images and draws of the augmentation policy (PNG)", _augment_preview_arguments),
     "prepare": Command(_prepare, "decode and resize a manifest's images once into training shards", ray=True, job=True),
 }

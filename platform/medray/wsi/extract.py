@@ -1,13 +1,21 @@
-"""Patch extraction as a Ray Data job: slides → tissue mask and grid → chunks of patches → Parquet shards.
+"""Patch extraction in one streaming pass over the cluster: slides → tissue mask and grid → chunks of patches → Parquet shards.
 
-Two passes, both spread over the cluster. The first plans each slide in its own task (tissue mask on
-a low-resolution level, patch grid, patch labels) and cuts the grid into chunks of ``chunk_patches``
-coordinates. The second reads one chunk per task and writes it as one Parquet shard, so a task's
-memory is one chunk of patches whatever the slide's size; the driver only ever holds counts.
+Each slide gets a Ray task that plans it (tissue mask on a low-resolution level, patch grid, patch
+labels), reads and writes its first chunk of ``chunk_patches`` patches, and hands the rest of its grid
+back (a few bytes a patch); each further chunk is read by a task of its own. A slide of one chunk — most
+slides at low magnification — is thus a single task, a large slide spreads over the cluster, reading
+starts with the first slide planned rather than after the last, and a task's memory is one chunk of
+patches whatever the slide's size. The driver keeps twice as many tasks in flight as the cluster has CPUs,
+a waiting chunk before any new slide, so neither its memory nor Ray's queue grows with the archive.
+
+Why plain Ray tasks and not Ray Data here (measured with ``benchmarks/wsi_extract.py``,
+docs/benchmarks.md): a slide is one row that fans out into a data-dependent number of chunks, and a Ray
+Data pass costs tens of ms per task and a barrier between planning and reading, which on the 12 default
+slides made the job slower than a plain loop; a Ray task costs a few ms.
 
 Output under ``out``: ``patches/<slide key>/chunk-*.parquet`` (PNG patch, slide and patient ids,
-split, level-0 coordinates, tissue and tumour shares, labels), ``tissue/<key>.png`` (mask overlay for
-review), ``thumbs/<key>.png`` (for heatmaps), ``slides.parquet`` (one row per slide with its status),
+split, level-0 coordinates, tissue and tumour shares, labels), ``tissue/<key>.jpg`` (mask overlay for
+review), ``thumbs/<key>.jpg`` (for heatmaps), ``slides.parquet`` (one row per slide with its status),
 ``errors.parquet`` (slides that could not be used, each with its URI and reason) and
 ``done/<key>.json``, written last for each slide. A rerun skips slides with a done marker and clears
 whatever a killed run left of the others, so no patch is ever written twice.
@@ -19,6 +27,7 @@ import hashlib
 import io
 import json
 import logging
+from collections import deque
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -34,7 +43,7 @@ from medray.io import storage
 from medray.wsi.grid import GridSpec, patch_grid, patch_labels
 from medray.wsi.slides import SlideError, open_slide
 from medray.wsi.stain import StainNormaliser, StainSpec
-from medray.wsi.tissue import detect, overlay_png
+from medray.wsi.tissue import detect, overlay
 
 log = logging.getLogger(__name__)
 STATUS_DONE, STATUS_EMPTY, STATUS_ERROR = "done", "no tissue found", "error"
@@ -81,6 +90,23 @@ def png(pixels: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def jpeg(pixels: np.ndarray) -> bytes:
+    """Review images (thumbnails, tissue overlays) are for eyes, not models: JPEG is ~25x faster to
+    encode than PNG at this size and ~8x smaller, which planning a slide feels (benchmarks/wsi_extract.py)."""
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def read_thumbnail(out: str, uri: str) -> np.ndarray | None:
+    """A slide's thumbnail as extraction saved it under ``out`` (PNG before medray wrote JPEG), or None."""
+    for ext in ("jpg", "png"):
+        path = storage.join(out, "thumbs", f"{slide_key(uri)}.{ext}")
+        if storage.exists(path):
+            return np.asarray(Image.open(io.BytesIO(storage.read_bytes(path))).convert("RGB"))
+    return None
+
+
 def read_patch(slide, row, patch_size: int) -> np.ndarray:
     pixels = slide.read_region(row["x"], row["y"], row["level"], row["read_size"], row["read_size"])
     if pixels.shape[0] != patch_size:
@@ -111,8 +137,8 @@ def plan_slide(row: dict, labels: list[str], spec: ExtractSpec, out: str | None 
         info = {"key": key, "backend": slide.backend, "mpp": slide.pyramid.mpp, "width": width, "height": height,
                 "tissue_fraction": tissue.fraction, "thumb_downsample": tissue.downsample, "grid_cells": cells}  # fmt: skip
     if out is not None:
-        storage.write_bytes(storage.join(out, "tissue", f"{key}.png"), overlay_png(tissue))
-        storage.write_bytes(storage.join(out, "thumbs", f"{key}.png"), png(tissue.thumbnail))
+        storage.write_bytes(storage.join(out, "tissue", f"{key}.jpg"), jpeg(overlay(tissue)))
+        storage.write_bytes(storage.join(out, "thumbs", f"{key}.jpg"), jpeg(tissue.thumbnail))
     tumour = spec.tumour_label or labels[0]
     slide_labels = {label: float(row[label]) for label in labels}
     grid = pd.concat(
@@ -121,43 +147,47 @@ def plan_slide(row: dict, labels: list[str], spec: ExtractSpec, out: str | None 
     return grid, info
 
 
-def _plan_batch(row: dict, labels: list[str], spec: ExtractSpec, out: str) -> dict:
-    """One slide in, one row per chunk of its grid out (or one row saying why there is none)."""
-    try:
-        grid, info = plan_slide(row, labels, spec, out)
-        error = STATUS_EMPTY if grid.empty else ""
-    except SlideError as err:
-        grid, info, error = pd.DataFrame(), {"key": slide_key(row["image"]), "grid_cells": 0}, str(err)
-    except Exception as err:  # noqa: BLE001 — a corrupt slide can fail anywhere in a codec; it is reported, the job goes on
-        grid, info, error = (
-            pd.DataFrame(),
-            {"key": slide_key(row["image"]), "grid_cells": 0},
-            f"{row['image']}: {err.__class__.__name__}: {err}",
-        )
-    chunks = [grid.iloc[i : i + spec.chunk_patches] for i in range(0, len(grid), spec.chunk_patches)] or [grid]
-    return {
-        "image": [row["image"]] * len(chunks),
-        "chunk": list(range(len(chunks))),
-        "chunks": [0 if error else len(chunks)] * len(chunks),
-        "coords": [c.to_json(orient="records") for c in chunks],
-        "error": [error] * len(chunks),
-        "info": [json.dumps(info)] * len(chunks),
-    }
+def _chunks(grid: pd.DataFrame, chunk_patches: int) -> list[pd.DataFrame]:
+    """A slide's grid cut into consecutive chunks of at most ``chunk_patches`` positions: one shard each."""
+    return [grid.iloc[i : i + chunk_patches] for i in range(0, len(grid), chunk_patches)]
 
 
-def _extract_batch(row: dict, slide_rows: dict, labels: list[str], spec: ExtractSpec, out: str) -> dict:
-    """Read one chunk of patches and write it as one Parquet shard; return its count (or its error)."""
-    uri, chunk = str(row["image"]), int(row["chunk"])
-    meta = slide_rows[uri]
-    grid = pd.read_json(io.StringIO(str(row["coords"])), orient="records")
+def _failure(uri: str, err: BaseException) -> str:
+    """Why a slide failed: a ``SlideError`` names its URI already; anything else (a corrupt slide can fail
+    anywhere in a codec) is prefixed with it."""
+    return str(err) if isinstance(err, SlideError) else f"{uri}: {err.__class__.__name__}: {err}"
+
+
+@dataclass
+class _Done:
+    """What one task did for one slide: patches written, patches kept unnormalised, shards written, and
+    the slide's error if it failed."""
+
+    uri: str
+    patches: int = 0
+    stain_kept: int = 0
+    shards: int = 0
+    error: str = ""
+
+
+@dataclass
+class _Planned(_Done):
+    """A slide task's answer: besides its first shard, the slide's facts, how many shards it has in all,
+    and the chunks still to read."""
+
+    info: dict = field(default_factory=dict)
+    total: int = 0
+    rest: list[pd.DataFrame] = field(default_factory=list)
+
+
+def _read_chunk(uri: str, chunk: int, grid: pd.DataFrame, meta: dict, labels: list[str], spec: ExtractSpec, out: str) -> _Done:
+    """Read one chunk of patches and write it as one Parquet shard."""
     normalise = StainNormaliser(spec.stain)
     try:
         with open_slide(uri, spec.default_mpp, spec.cache_bytes) as slide:
             read = [normalise(read_patch(slide, r, spec.grid.patch_size)) for r in grid.to_dict("records")]
-    except SlideError as err:
-        return {"image": [uri], "chunk": [chunk], "patches": [0], "error": [str(err)], "stain_kept": [0]}
-    except Exception as err:  # noqa: BLE001 — a bad tile can fail anywhere in a codec
-        return {"image": [uri], "chunk": [chunk], "patches": [0], "error": [f"{uri}: {err.__class__.__name__}: {err}"], "stain_kept": [0]}
+    except Exception as err:  # noqa: BLE001 — a bad tile can fail anywhere in a codec: its slide's error, never the job's
+        return _Done(uri, error=_failure(uri, err))
     normalised = np.array([done for _, done in read], dtype=bool)
     frame = pd.DataFrame(
         {
@@ -178,20 +208,94 @@ def _extract_batch(row: dict, slide_rows: dict, labels: list[str], spec: Extract
     pq.write_table(table, buffer)
     storage.write_bytes(storage.join(out, "patches", slide_key(uri), f"chunk-{chunk:05d}.parquet"), buffer.getvalue())
     kept = int((~normalised).sum()) if normalise.active else 0
-    return {"image": [uri], "chunk": [chunk], "patches": [len(frame)], "error": [""], "stain_kept": [kept]}
+    return _Done(uri, patches=len(frame), stain_kept=kept, shards=1)
 
 
-def _each(rows: list[dict], fn, **kwargs) -> ray.data.Dataset:
-    """``fn(row, **kwargs)`` over ``rows``, one task per row (per slide when planning, per chunk when
-    reading), spread over every CPU. The rows travel once, as an argument in the object store; the
-    dataset itself is only their indices (``from_pandas`` of many one-row frames costs seconds)."""
-    return ray.data.range(len(rows), override_num_blocks=len(rows)).map_batches(
-        _apply, batch_size=1, fn_kwargs={"rows": rows, "fn": fn, "kwargs": kwargs}
-    )
+def _slide(row: dict, meta: dict, labels: list[str], spec: ExtractSpec, out: str) -> _Planned:
+    """A slide task: plan the slide, read its first chunk, and hand back the rest of its grid (a few bytes
+    a patch) for chunk tasks. A slide of one chunk — most slides at low magnification — is one task."""
+    uri = str(row["image"])
+    try:
+        grid, info = plan_slide(row, labels, spec, out)
+    except Exception as err:  # noqa: BLE001 — whatever one slide raises is that slide's error, never the job's
+        return _Planned(uri, error=_failure(uri, err), info={"key": slide_key(uri), "grid_cells": 0})
+    if grid.empty:
+        return _Planned(uri, error=STATUS_EMPTY, info=info)
+    first, *rest = _chunks(grid, spec.chunk_patches)
+    done = _read_chunk(uri, 0, first, meta, labels, spec, out)
+    return _Planned(**asdict(done), info=info, total=1 + len(rest), rest=[] if done.error else rest)
 
 
-def _apply(batch: dict, rows: list[dict], fn, kwargs: dict) -> dict:
-    return fn(rows[int(batch["id"][0])], **kwargs)
+class _Tasks:
+    """Slide and chunk tasks, at most ``limit`` in flight, a chunk before any slide not yet begun: what
+    waits in the driver is at most a large slide's coordinates, never thousands of tasks queued in Ray."""
+
+    def __init__(self, limit: int, slides: list[tuple]):
+        self.limit = limit
+        self.slides, self.chunks = deque(slides), deque()
+        self.running: dict[ray.ObjectRef, str] = {}
+        self.slide_task, self.chunk_task = ray.remote(num_cpus=1)(_slide), ray.remote(num_cpus=1)(_read_chunk)
+
+    def __bool__(self) -> bool:
+        return bool(self.slides or self.chunks or self.running)
+
+    def add_chunks(self, chunks: list[tuple]) -> None:
+        self.chunks.extend(chunks)
+
+    def drop_chunks(self, uri: str) -> None:
+        """A failed slide's chunks not yet begun are not read."""
+        self.chunks = deque(c for c in self.chunks if c[0] != uri)
+
+    def next_done(self) -> _Done:
+        """Start what the limit allows, then wait for one task to finish and return what it did."""
+        while len(self.running) < self.limit and (self.chunks or self.slides):
+            if self.chunks:
+                args = self.chunks.popleft()
+                self.running[self.chunk_task.remote(*args)] = args[0]
+            else:
+                args = self.slides.popleft()
+                self.running[self.slide_task.remote(*args)] = args[0]["image"]
+        (ref,), _ = ray.wait(list(self.running), num_returns=1)
+        uri = self.running.pop(ref)
+        try:
+            return ray.get(ref)
+        except Exception as err:  # noqa: BLE001 — a task that died however often Ray retried it: its slide's error
+            return _Done(uri, error=f"{uri}: an extraction task failed ({err.__class__.__name__})")
+
+
+def _extract(todo: pd.DataFrame, labels: list[str], spec: ExtractSpec, out: str, progress: bool) -> tuple[dict, dict, dict, int]:
+    """Extract the slides of ``todo`` in one streaming pass. Returns each slide's facts, patch count and
+    error (if any), and how many patches of the extracted slides kept their pixels unnormalised."""
+    if not ray.is_initialized():
+        ray.init()  # as Ray Data would on first use
+    meta = todo.set_index("image")[[c for c in ("slide_id", "patient_id", "split") if c in todo]].to_dict("index")
+    rows = todo[["image", "mask", *labels]].to_dict("records")
+    tasks = _Tasks(2 * max(1, int(ray.cluster_resources().get("CPU", 1))), [(r, meta[r["image"]], labels, spec, out) for r in rows])
+    info: dict[str, dict] = {}
+    patches, kept, shards_left = dict.fromkeys(todo["image"], 0), dict.fromkeys(todo["image"], 0), dict.fromkeys(todo["image"], 0)
+    slide_error: dict[str, str] = {}
+    bar = tqdm(total=len(todo), unit="slide", desc="extracting", disable=None if progress else True)
+    while tasks:
+        done = tasks.next_done()
+        uri = done.uri
+        if isinstance(done, _Planned):
+            info[uri], shards_left[uri] = done.info, done.total
+            tasks.add_chunks([(uri, i, chunk, meta[uri], labels, spec, out) for i, chunk in enumerate(done.rest, start=1)])
+        patches[uri] += done.patches
+        kept[uri] += done.stain_kept
+        shards_left[uri] -= done.shards
+        if uri in slide_error:
+            continue  # a chunk of a slide that has already failed: cleared with the rest of it
+        if done.error:
+            slide_error[uri] = done.error
+            tasks.drop_chunks(uri)
+            bar.update(1)
+        elif shards_left[uri] == 0:
+            # Written last: a slide counts as done only once every one of its shards is on storage.
+            storage.write_text(done_marker(out, uri), json.dumps({"patches": patches[uri], **info[uri]}))
+            bar.update(1)
+    bar.close()
+    return info, patches, slide_error, sum(n for uri, n in kept.items() if uri not in slide_error)
 
 
 def _clear(uri: str) -> None:
@@ -228,38 +332,7 @@ def extract_patches(manifest: Manifest, out: str, spec: ExtractSpec | None = Non
     for uri in todo["image"]:
         _clear(storage.join(out, "patches", slide_key(uri)))  # what a killed run left of this slide
 
-    columns = ["image", "mask", *labels]
-    plans = (
-        _each(todo[columns].to_dict("records"), _plan_batch, labels=labels, spec=spec, out=out).to_pandas()
-        if len(todo)
-        else pd.DataFrame(columns=["image", "chunk", "chunks", "coords", "error", "info"])
-    )
-    slide_error = plans.groupby("image")["error"].first().to_dict()
-    info = {uri: json.loads(i) for uri, i in plans.groupby("image")["info"].first().items()}
-    expected = plans.groupby("image")["chunks"].first().to_dict()
-    work = plans[plans["error"] == ""]
-    meta = todo.set_index("image")[[c for c in ("slide_id", "patient_id", "split") if c in todo]].to_dict("index")
-
-    written: dict[str, int] = {uri: 0 for uri in todo["image"]}
-    stain_kept = 0
-    chunks_ok: dict[str, int] = {uri: 0 for uri in todo["image"]}
-    if len(work):
-        kwargs = {"slide_rows": meta, "labels": labels, "spec": spec, "out": out}
-        results = _each(work[["image", "chunk", "coords"]].to_dict("records"), _extract_batch, **kwargs)
-        bar = tqdm(total=int(work["coords"].map(lambda c: len(json.loads(c))).sum()), unit="patch", desc="extracting", disable=None if progress else True)
-        for r in results.iter_rows():
-            uri = r["image"]
-            if r["error"]:
-                slide_error[uri] = slide_error.get(uri) or r["error"]
-                continue
-            written[uri] += int(r["patches"])
-            stain_kept += int(r["stain_kept"])
-            chunks_ok[uri] += 1
-            bar.update(int(r["patches"]))
-            if chunks_ok[uri] == expected[uri] and not slide_error.get(uri):
-                # Written last: a slide counts as done only once every one of its shards is on storage.
-                storage.write_text(done_marker(out, uri), json.dumps({"patches": written[uri], **info[uri]}))
-        bar.close()
+    info, written, slide_error, stain_kept = _extract(todo, labels, spec, out, progress) if len(todo) else ({}, {}, {}, 0)
 
     rows, errors = [], []
     for uri in todo["image"]:
@@ -275,7 +348,7 @@ def extract_patches(manifest: Manifest, out: str, spec: ExtractSpec | None = Non
             status = STATUS_ERROR
         else:
             status = STATUS_DONE
-        rows.append({"image": uri, "status": status, "patches": written[uri], "reason": error})
+        rows.append({"image": uri, "status": status, "patches": 0 if error else written[uri], "reason": error})
     _record(out, frame, rows, errors, labels, spec)
     statuses = pd.Series([r["status"] for r in rows], dtype=object)
     return ExtractResult(
@@ -285,7 +358,7 @@ def extract_patches(manifest: Manifest, out: str, spec: ExtractSpec | None = Non
         skipped=int(done.sum()),
         empty=int((statuses == STATUS_EMPTY).sum()),
         errors=len(errors),
-        patches=sum(written.values()),
+        patches=sum(r["patches"] for r in rows),
         grid_cells=sum(i.get("grid_cells", 0) for uri, i in info.items() if not slide_error.get(uri)),
         stain_kept=stain_kept,
     )

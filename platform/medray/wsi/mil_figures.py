@@ -1,6 +1,6 @@
 """Attention heatmaps of attention-MIL over each test slide's thumbnail (drawn by ``slide_eval.heatmap``).
 
-The thumbnails are the ones ``extract-patches`` saved (``thumbs/<slide key>.png``, scale in
+The thumbnails are the ones ``extract-patches`` saved (``thumbs/<slide key>.jpg``, scale in
 ``slides.parquet``'s ``thumb_downsample``), found in the patch folder the store was embedded from.
 """
 
@@ -12,13 +12,12 @@ import math
 import numpy as np
 import pandas as pd
 from matplotlib.patches import Rectangle
-from PIL import Image
 
 from medray.config import JobConfig
 from medray.evaluation.report import Figure
 from medray.io import storage
 from medray.io.figures import plt, png
-from medray.wsi.extract import slide_key
+from medray.wsi.extract import read_thumbnail
 from medray.wsi.slide_eval import heatmap
 
 PER_PAGE, MAX_PAGES = 12, 4
@@ -30,13 +29,6 @@ def patch_folder(config: JobConfig) -> str | None:
         if uri and storage.exists(storage.join(uri, "slides.parquet")):
             return uri
     return None
-
-
-def _thumbnail(folder: str, uri: str) -> np.ndarray | None:
-    path = storage.join(folder, "thumbs", f"{slide_key(uri)}.png")
-    if not storage.exists(path):
-        return None
-    return np.asarray(Image.open(io.BytesIO(storage.read_bytes(path))).convert("RGB"))
 
 
 def _outline_tumour(ax, patches: pd.DataFrame, downsample: float, threshold: float) -> None:
@@ -75,7 +67,7 @@ def heatmap_pages(
     auc = looks.set_index("image")["attention_auroc"].to_dict() if len(looks) else {}
     panels = []
     for (image, slide_id), slide_patches in patches.groupby(["image", "slide_id"], sort=True):
-        thumb = _thumbnail(folder, image) if image in scale else None
+        thumb = read_thumbnail(folder, image) if image in scale else None
         if thumb is None:
             continue
         bag = bag_of.loc[slide_patches[key_column].iloc[0]]

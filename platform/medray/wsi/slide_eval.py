@@ -16,7 +16,6 @@ import math
 import numpy as np
 import pandas as pd
 import ray
-from PIL import Image
 
 from medray.config import JobConfig
 from medray.data import splits
@@ -27,7 +26,7 @@ from medray.evaluation.report import Figure, Section, plots, write_report
 from medray.io import storage
 from medray.io.figures import plt, png
 from medray.training import checkpoint
-from medray.wsi.extract import slide_key
+from medray.wsi.extract import read_thumbnail
 
 log = logging.getLogger(__name__)
 HEATMAPS_SHOWN = 12
@@ -87,9 +86,11 @@ def heatmaps_png(slides: pd.DataFrame, scored: pd.DataFrame, patches: str, colum
     fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.2 * rows), squeeze=False)
     image = None
     for ax, (uri, row) in zip(axes.flat, shown.iterrows()):
-        thumb = np.asarray(
-            Image.open(io.BytesIO(storage.read_bytes(storage.join(patches, "thumbs", f"{slide_key(uri)}.png")))).convert("RGB")
-        )
+        thumb = read_thumbnail(patches, uri)
+        if thumb is None:  # the extraction folder lost it: the panel says so, the report still comes
+            ax.set_title(f"{row['slide_id']}: no thumbnail under {patches}", fontsize=8)
+            ax.axis("off")
+            continue
         image = heatmap(thumb, float(row["thumb_downsample"]), scored[scored["image"] == uri], column, ax)
         truth = "?" if pd.isna(row[label]) else int(row[label])
         ax.set_title(f"{row['slide_id']}  {label}={truth}  score {row[column]:.2f}", fontsize=9)
@@ -157,11 +158,21 @@ def evaluate_slides(config: JobConfig):
     summary = splits.summary(slides, labels).rename(columns={"images": "slides"})
     sections = [
         Section("Data and splits", "data", [summary]),
-        Section("Slide-level metrics", "metrics", [notes, table.round(3), Figure("roc.png", plots.roc_curves(test_y, test_p, table), "ROC curves on the test slides")]),
+        Section(
+            "Slide-level metrics",
+            "metrics",
+            [notes, table.round(3), Figure("roc.png", plots.roc_curves(test_y, test_p, table), "ROC curves on the test slides")],
+        ),
         Section(
             "Patch-score heatmaps",
             "heatmaps",
-            [Figure("heatmaps.png", heatmaps_png(test, scored, patches, probs[0], labels[0]), f"Patch P({labels[0]}) over each test slide's thumbnail")],
+            [
+                Figure(
+                    "heatmaps.png",
+                    heatmaps_png(test, scored, patches, probs[0], labels[0]),
+                    f"Patch P({labels[0]}) over each test slide's thumbnail",
+                )
+            ],
         ),
     ]
     metrics = {"labels": table.to_dict(orient="index"), "checkpoint": checkpoint_uri, "aggregate": w.aggregate}

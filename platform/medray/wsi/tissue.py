@@ -8,7 +8,6 @@ empty and is reported as such, never silently skipped.
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 
 import numpy as np
@@ -84,13 +83,11 @@ def detect(slide: Slide, min_side: int = 512, min_region_um2: float = 20_000.0, 
     return TissueMask(mask, thumb, downsample, threshold)
 
 
-def overlay_png(tissue: TissueMask) -> bytes:
-    """The thumbnail with detected tissue tinted green and its outline drawn, as PNG, for review."""
+def overlay(tissue: TissueMask) -> np.ndarray:
+    """The thumbnail with detected tissue tinted green and its outline drawn, for review."""
     image = tissue.thumbnail.astype(np.float32)
     green = np.array([40, 200, 60], np.float32)
     image[tissue.mask] = 0.7 * image[tissue.mask] + 0.3 * green
     edge = tissue.mask & ~ndimage.binary_erosion(tissue.mask)
     image[edge] = green
-    buffer = io.BytesIO()
-    Image.fromarray(image.clip(0, 255).astype(np.uint8)).save(buffer, format="PNG", compress_level=1)
-    return buffer.getvalue()
+    return image.clip(0, 255).astype(np.uint8)
