@@ -32,9 +32,12 @@ from medray.training.trainer import train
 RARE = "Mass"
 
 
-def dataset(root: str, labels: list[str], patients: int, split_label: str) -> str:
+def dataset(root: str, labels: list[str], patients: int, split_label: str, seed: int = 1, prevalence: dict | None = None) -> str:
+    """Demo CXRs (128 px) of ``patients`` ingested with ``labels``, split by patient (stratified on ``split_label``).
+    ``prevalence``: the share of patients with each finding (default: Mass rare, at 1.6 %)."""
     out = os.path.join(root, f"data-{'-'.join(labels)}")
-    csv = generate(out, patients=patients, image_size=128, seed=1, prevalence={RARE: 0.016})
+    prevalence = {RARE: 0.016} if prevalence is None else prevalence
+    csv = generate(out, patients=patients, image_size=128, seed=seed, prevalence=prevalence)
     manifest = read_manifest(ingest_nih(csv, os.path.join(out, "ingested.parquet"), labels=labels).manifest)
     frame = split_by_patient(manifest, val=0.2, test=0.2, min_positive=0.5, label=split_label, seed=0)
     return write_manifest(Manifest(frame, labels), os.path.join(out, "split.parquet"))
