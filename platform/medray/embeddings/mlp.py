@@ -26,7 +26,7 @@ from medray.io import storage
 from medray.training import checkpoint, recipe
 from medray.training.losses import head_size, probabilities
 from medray.training.progress import EpochLines, say
-from medray.training.trainer import SCORE, TrainingError, epoch_seed
+from medray.training.trainer import SCORE, TrainingError, epoch_seed, run_config
 from medray.training.validation import auroc_per_label
 
 log = logging.getLogger(__name__)
@@ -102,27 +102,19 @@ def train_mlp(config: JobConfig, arrays: tuple[np.ndarray, ...], loss, meta: dic
     with ``loss``; returns the best checkpoint's URI and its metrics. ``meta`` is the checkpoints' ``meta.json``
     (medray.embeddings.heads.head_meta: labels, task, the store's encoder), to which each epoch adds its own."""
     t, h = config.train, config.head
-    fs, path = storage.filesystem(config.run_dir)
     loop_config = {
         "train": t.model_dump(), "arrays": [ray.put(np.ascontiguousarray(a)) for a in arrays],
         "outputs": head_size(meta["task"], len(meta["labels"])), "hidden": h.hidden, "dropout": h.dropout,
         "task": meta["task"], "labels": meta["labels"], "loss": loss, "meta": meta,
     }  # fmt: skip
-    run_config = ray.train.RunConfig(
-        name=RUN_NAME,
-        storage_path=path,
-        storage_filesystem=fs if storage.is_s3(config.run_dir) else None,
-        checkpoint_config=ray.train.CheckpointConfig(
-            num_to_keep=t.checkpoints_to_keep, checkpoint_score_attribute=SCORE, checkpoint_score_order="max"
-        ),
-        failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
-        logging_config=ray.train.LoggingConfig(log_level="WARNING"),
-    )
     scaling = ray.train.ScalingConfig(num_workers=t.workers, use_gpu=t.use_gpu, resources_per_worker={"CPU": t.cpus_per_worker})
     try:
         with EpochLines() as lines:
             trainer = TorchTrainer(
-                _loop, train_loop_config={**loop_config, "lines": lines.queue}, scaling_config=scaling, run_config=run_config
+                _loop,
+                train_loop_config={**loop_config, "lines": lines.queue},
+                scaling_config=scaling,
+                run_config=run_config(config, RUN_NAME),
             )
             result = trainer.fit()
     except ray.train.TrainingFailedError as err:

@@ -194,7 +194,10 @@ def _worker_loop(cfg: dict) -> None:
         # uint8 batches, prefetched and copied to the device by Ray; augmented there, per sample.
         # drop_last: resampled epochs vary in length, and a last batch of one image breaks BatchNorm.
         batches = shard.iter_torch_batches(
-            batch_size=t.batch_size, drop_last=True, prefetch_batches=t.prefetch_batches, pin_memory=device.type == "cuda",
+            batch_size=t.batch_size,
+            drop_last=True,
+            prefetch_batches=t.prefetch_batches,
+            pin_memory=device.type == "cuda",
             local_shuffle_buffer_size=4 * t.batch_size if config.data.shuffle == "local" else None,
         )
         augmented = functools.partial(augment, generator=generator)
@@ -247,7 +250,10 @@ def _worker_loop(cfg: dict) -> None:
                 checkpoint.save(directory, state, meta)
                 saved = ray.train.Checkpoint.from_directory(directory)
                 aurocs = ", ".join(f"{k} {v:.3f}" for k, v in per_label.items())
-                say(cfg["lines"], f"epoch {epoch + 1}/{t.epochs}: loss {metrics['train_loss']:.4f}, val AUROC {metrics[SCORE]:.3f} ({aurocs})")
+                say(
+                    cfg["lines"],
+                    f"epoch {epoch + 1}/{t.epochs}: loss {metrics['train_loss']:.4f}, val AUROC {metrics[SCORE]:.3f} ({aurocs})",
+                )
                 if stop:
                     say(cfg["lines"], f"early stop: val AUROC has not improved for {t.patience} epochs (best {run.stop.best:.3f})")
             # Named as the logs count epochs: epoch_001 holds the first.
@@ -260,10 +266,12 @@ def _worker_loop(cfg: dict) -> None:
         tracker.close()
 
 
-def _run_config(config: JobConfig, callbacks: list | None) -> ray.train.RunConfig:
+def run_config(config: JobConfig, name: str, callbacks: list | None = None) -> ray.train.RunConfig:
+    """Where a Ray Train run of this job keeps its checkpoints (``<run>/<name>``, the best by val AUROC)
+    and how often it may fail: one ``name`` per kind of model, so that none resumes another's checkpoints."""
     fs, path = storage.filesystem(config.run_dir)
     return ray.train.RunConfig(
-        name="train",
+        name=name,
         callbacks=callbacks,
         storage_path=path,
         storage_filesystem=fs if storage.is_s3(config.run_dir) else None,
@@ -288,8 +296,15 @@ def shuffled(ds: ray.data.Dataset, how: str, seed: int) -> ray.data.Dataset:
 
 
 def make_trainer(
-    config: JobConfig, train_ds: ray.data.Dataset, val_ds: ray.data.Dataset, labels: list[str], task: str, loss,
-    callbacks: list | None = None, resample: bool = False, lines=None,
+    config: JobConfig,
+    train_ds: ray.data.Dataset,
+    val_ds: ray.data.Dataset,
+    labels: list[str],
+    task: str,
+    loss,
+    callbacks: list | None = None,
+    resample: bool = False,
+    lines=None,
 ) -> TorchTrainer:
     """The ``TorchTrainer`` that trains ``config``'s model on uint8 image batches (``image``, ``labels``,
     ``unreadable``) from ``train_ds`` and validates on ``val_ds``: images and slide patches alike.
@@ -307,7 +322,7 @@ def make_trainer(
             use_gpu=config.train.use_gpu,
             resources_per_worker={"CPU": config.train.cpus_per_worker},
         ),
-        run_config=_run_config(config, callbacks),
+        run_config=run_config(config, "train", callbacks),
         datasets={"train": shuffled(train_ds, config.data.shuffle, config.train.seed), "val": val_ds},
     )
 

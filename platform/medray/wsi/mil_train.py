@@ -30,7 +30,7 @@ from medray.io import storage
 from medray.training import checkpoint, recipe, tracking
 from medray.training.losses import make_loss, prior_shift
 from medray.training.progress import EpochLines, say
-from medray.training.trainer import SCORE, TrainingError, TrainResult, epoch_seed
+from medray.training.trainer import SCORE, TrainingError, TrainResult, epoch_seed, run_config
 from medray.training.validation import auroc_per_label
 from medray.wsi import mil
 
@@ -140,21 +140,6 @@ def _worker_loop(cfg: dict) -> None:
         tracker.close()
 
 
-def _run_config(config: JobConfig) -> ray.train.RunConfig:
-    # Its own name under the run: an image model's checkpoints (<run>/train) are never resumed as a MIL model's.
-    fs, path = storage.filesystem(config.run_dir)
-    return ray.train.RunConfig(
-        name="mil",
-        storage_path=path,
-        storage_filesystem=fs if storage.is_s3(config.run_dir) else None,
-        checkpoint_config=ray.train.CheckpointConfig(
-            num_to_keep=config.train.checkpoints_to_keep, checkpoint_score_attribute=SCORE, checkpoint_score_order="max"
-        ),
-        failure_config=ray.train.FailureConfig(max_failures=config.train.max_failures),
-        logging_config=ray.train.LoggingConfig(log_level="WARNING"),
-    )
-
-
 def train_mil(config: JobConfig) -> TrainResult:
     """Train (or resume) attention-MIL on ``config.embeddings``; record its best checkpoint by val AUROC."""
     tracking.check(config.tracking)
@@ -187,7 +172,7 @@ def train_mil(config: JobConfig) -> TrainResult:
             scaling_config=ray.train.ScalingConfig(
                 num_workers=t.workers, use_gpu=t.use_gpu, resources_per_worker={"CPU": t.cpus_per_worker}
             ),
-            run_config=_run_config(config),
+            run_config=run_config(config, "mil"),
         )
         try:
             result = trainer.fit()
