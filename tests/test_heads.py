@@ -275,3 +275,14 @@ def test_scoring_with_a_head_refuses_other_encoder_weights_in_one_line(embedded_
     with pytest.raises(heads.HeadError, match="set embed.weights to the file the store was embedded with") as error:
         score(job_config)
     assert "\n" not in str(error.value) and "other.pth" in str(error.value)
+
+
+@pytest.mark.parametrize("command", ["tune", "baselines"])
+def test_tune_and_baselines_which_train_image_models_refuse_a_head_on_embeddings_rather_than_ignore_it(command, store, tmp_path):
+    from medray.config import ConfigError
+    from medray.sweeps.baselines import run_baselines
+    from medray.sweeps.tune import run_sweep
+
+    config = job(tmp_path, store, "linear")
+    with pytest.raises(ConfigError, match=rf"model.head is 'linear': `medray {command}`"):
+        run_sweep(config, "tune_spaces/imbalance.yaml") if command == "tune" else run_baselines(config)

@@ -95,6 +95,8 @@ def _train_all(config: JobConfig, manifests: dict[str, str], out: str, concurren
 
 def run_baselines(config: JobConfig, labels: list[str] | None = None) -> BaselineResult:
     """Train the single-task models of ``labels`` (default: all) and compare each with the run's model."""
+    if config.model.head != "backbone":  # the baselines are image models, compared with the run's image model
+        raise ConfigError(f"model.head is {config.model.head!r}: `medray baselines` compares image models; set model.head: backbone")
     manifest = read_manifest(config.manifest)
     if manifest.task != "multi-label":
         raise ConfigError(f"{config.manifest}: single-task baselines compare a multi-label model's labels; this task is {manifest.task}")

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import pandas as pd
 import yaml
 
-from medray.config import JobConfig, build_config, merge
+from medray.config import ConfigError, JobConfig, build_config, merge
 from medray.evaluation.report.document import markdown_table
 from medray.evaluation.report.plots import metric_by_dimension
 from medray.io import storage
@@ -104,6 +104,11 @@ def _markdown(table: pd.DataFrame, spec: SweepSpec) -> str:
 
 def run_sweep(config: JobConfig, space_uri: str, seeds: int = 0) -> SweepResult:
     """Run (or resume) the sweep described by ``space_uri`` around the base ``config``."""
+    if config.model.head != "backbone":  # its trials train image models: a head would be silently ignored
+        raise ConfigError(
+            f"model.head is {config.model.head!r}: `medray tune` sweeps image models (model.head: backbone); "
+            "a head on embeddings trains in seconds with `medray train`, once per setting"
+        )
     base = config.model_dump(mode="json", exclude={"tune"})
     spec = load_space(space_uri, base)
     sweep_dir = storage.join(config.run_dir, "tune")
