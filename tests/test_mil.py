@@ -128,6 +128,9 @@ def test_the_slide_metrics_come_with_patient_intervals_and_val_thresholds_and_ev
     assert {"roc.png", "attention_1.png"} <= set(paths) and Image.open(paths["attention_1.png"]).size[0] > 600
     metrics = json.loads(storage.read_text(paths["metrics.json"]))
     assert metrics["attention_auroc"] == pytest.approx(evaluation.summary["attention_auroc"])
+    versus = metrics["baseline"]["tumour"]  # the comparison with mean pooling, as the report shows it
+    assert versus["mean_pooling_auroc_lo"] <= versus["mean_pooling_auroc"] == pytest.approx(metrics["baseline_auroc"]["tumour"])
+    assert versus["difference_lo"] <= versus["difference"] <= versus["difference_hi"] and 0 <= versus["delong_p"] <= 1
     attention = pd.read_parquet(paths["attention"])
     assert len(attention) == (frame["split"] != "train").sum()  # every held-out patch, none capped
     sums = attention.groupby("image")["attention_tumour"].sum()

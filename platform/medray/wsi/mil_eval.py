@@ -111,7 +111,8 @@ def scored_bags(config: JobConfig, checkpoint_uri: str) -> tuple[mil.Bags, pd.Da
 
 def _baseline(config: JobConfig, bags: mil.Bags, scored: pd.DataFrame, labels: list[str]) -> tuple[Section, dict]:
     """Mean pooling scored on the same held-out bags (``baseline_<label>`` added to ``scored``), its test
-    AUROC with intervals, and per label the difference to ABMIL: DeLong's p, a paired patient bootstrap."""
+    AUROC with intervals, and per label the difference to ABMIL: DeLong's p, a paired patient bootstrap
+    (the report's section, and the same figures per label)."""
     e, held = config.evaluate, bags.table["split"].isin(["val", "test"]).to_numpy()
     columns = [f"baseline_{label}" for label in labels]
     scored[columns] = mean_pooling(bags, labels, config.mil.bag_size, config.train.seed)[held]
@@ -133,7 +134,7 @@ def _baseline(config: JobConfig, bags: mil.Bags, scored: pd.DataFrame, labels: l
     text = ("The 2017 recipe on the same embeddings: a logistic regression on training patches, each given its bag's label, "
             "each bag scored by the mean of its patch probabilities. Difference: ABMIL − mean pooling, with a paired "
             "patient-bootstrap interval; DeLong's test on the same test bags.")  # fmt: skip
-    return Section("Against patch-label mean pooling", "baseline", [text, versus.round(3)]), versus["mean_pooling_auroc"].to_dict()
+    return Section("Against patch-label mean pooling", "baseline", [text, versus.round(3)]), versus.to_dict(orient="index")
 
 
 def _attention_section(config: JobConfig, test: pd.DataFrame, patches: pd.DataFrame, labels: list[str], level: str) -> tuple[Section, dict]:
@@ -189,7 +190,11 @@ def evaluate_mil(config: JobConfig) -> Evaluation:
     ]  # fmt: skip
     summary = {"level": level}
     if config.mil.baseline:
-        section, summary["baseline_auroc"] = _baseline(config, bags, scored, labels)
+        section, versus = _baseline(config, bags, scored, labels)
+        # The whole comparison (mean pooling's interval, the difference and its interval, DeLong's p) in
+        # metrics.json too, not only in the report.
+        summary["baseline"] = versus
+        summary["baseline_auroc"] = {label: row["mean_pooling_auroc"] for label, row in versus.items()}
         sections.append(section)
     section, attention = _attention_section(config, test, patches[patches["split"] == "test"], labels, level)
     sections.append(section)
