@@ -220,7 +220,8 @@ def _multinomial(z, y, vz, vy, weighting, beta, C, store_uri, labels):
         scores = [auroc(vy[vknown, c], p[:, c]) for c in range(len(labels))]
         return float(np.nanmean(scores)) if not np.isnan(scores).all() else float("nan")
 
-    fits = [(c, _fit(c, z[known], classes, w)) for c in _grid(C, vknown.any())]
+    val_classes = len(np.unique(vy[vknown].argmax(axis=1))) if vknown.any() else 0
+    fits = [(c, _fit(c, z[known], classes, w)) for c in _grid(C, val_classes >= 2)]
     fit, c = _choose(fits, macro)
     coef, intercept = fit.coef_, fit.intercept_
     if len(labels) == 2:  # scikit-learn fits two classes as one logit for class 1: softmax([0, z]) is the same

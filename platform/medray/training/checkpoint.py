@@ -93,8 +93,8 @@ def identity(uri: str) -> str:
 def check_image_model(uri: str, meta: dict) -> None:
     """Refuse a checkpoint of a head on embeddings (``meta["head"]``, see medray.embeddings) where an image model is needed."""
     if meta.get("head", "backbone") != "backbone":
-        raise CheckpointError(f"{uri} holds a {meta['head']} head on embeddings, not an image model: "
-                              f"run it with model.head: {meta['head']}")  # fmt: skip
+        raise CheckpointError(f"{uri} holds a {meta['head']} head on embeddings, not an image model: this needs an image model "
+                              f"(heads are trained, evaluated and scored with model.head: {meta['head']})")  # fmt: skip
 
 
 def load_model(uri: str) -> tuple[Classifier, dict]:
