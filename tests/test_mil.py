@@ -210,7 +210,10 @@ def test_a_bag_scores_the_same_alone_or_padded_beside_others_and_its_attention_s
     np.testing.assert_allclose([a.sum(axis=0) for a in attention], 1.0, atol=1e-5)
 
 
-def test_a_store_of_whole_images_or_without_a_split_is_refused_in_one_line(tmp_path):
+def test_a_store_of_whole_images_or_without_a_split_or_none_at_all_is_refused_in_one_line(tmp_path):
+    nowhere = build_config({"storage": str(tmp_path / "runs"), "model": {"head": "abmil"}, "embed": {"output": str(tmp_path / "none")}})
+    with pytest.raises(StoreError, match="run `medray embed` first"):
+        jobs.train(nowhere)
     write_store(tmp_path, patients=5, kind="images")
     with pytest.raises(StoreError, match="not of slide patches"):
         mil.read_patch_store(str(tmp_path))
